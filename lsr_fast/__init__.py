@@ -1,0 +1,42 @@
+"""lsr_fast: fast kernels for Latent Space Regularization (Barbato et al., CVPRW 2021).
+
+    import lsr_fast
+    lsr_fast.available_backends()
+    labels_small = lsr_fast.hist_downsample(labels, (91, 161), num_classes=19)
+"""
+
+from . import reference
+from .ops import (
+    BACKENDS,
+    available_backends,
+    class_feature_stats,
+    clustering_loss,
+    feature_terms,
+    hist_downsample,
+    maxsquare_loss,
+    norm_alignment_loss,
+    perpendicularity_loss,
+    pseudo_label_downsample,
+    set_value_checks,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "set_value_checks",
+    "hist_downsample",
+    "pseudo_label_downsample",
+    "class_feature_stats",
+    "clustering_loss",
+    "perpendicularity_loss",
+    "norm_alignment_loss",
+    "maxsquare_loss",
+    "reference",
+]
+
+from .eval.metrics import confusion_matrix, masr, mean_iou, per_class_iou  # noqa: E402
+from .regularizer import PRESETS, LSRRegularizer  # noqa: E402
+
+__all__ += ["LSRRegularizer", "PRESETS", "confusion_matrix", "per_class_iou", "mean_iou", "masr", "feature_terms"]

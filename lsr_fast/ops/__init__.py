@@ -1,0 +1,212 @@
+"""The public LSR ops: argument checks shared by every backend, then the chosen backend.
+
+Every op takes ``backend=``: "auto" (the fastest usable backend for the tensors' device),
+"reference" (pure torch), "cpp" (compiled, CPU tensors), "cuda" (compiled, CUDA tensors) or
+"triton". See :func:`available_backends` for what is usable here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _checks as check
+from ._backends import BACKENDS, available_backends, resolve
+from ._checks import set_value_checks
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "set_value_checks",
+    "hist_downsample",
+    "pseudo_label_downsample",
+    "class_feature_stats",
+    "clustering_loss",
+    "perpendicularity_loss",
+    "norm_alignment_loss",
+    "maxsquare_loss",
+    "feature_terms",
+]
+
+Size = Union[int, Sequence[int]]
+
+
+def hist_downsample(
+    labels: torch.Tensor,
+    size: Size,
+    num_classes: int,
+    *,
+    threshold: float = 0.5,
+    ignore_index: int = 255,
+    class_weights: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Histogram-aware downsampling of integer (B, H, W) labels to int64 (B, h, w).
+
+    Per window (adaptive-pooling windows) the most frequent class c1 (lowest index on ties) is
+    kept when the runner-up count n2 < threshold * n1; otherwise, or for an all-void window, the
+    cell is ``ignore_index``. ``class_weights`` (C,) multiply the counts first.
+    """
+    check.integer_labels("labels", labels)
+    check.ndim("labels", labels, (3,), "(B, H, W)")
+    check.positive_int("num_classes", num_classes)
+    check.integer("ignore_index", ignore_index)
+    size = check.output_size("size", size, tuple(labels.shape[1:]))
+    threshold = check.fraction("threshold", threshold)
+    class_weights = check.class_weights(class_weights, num_classes)
+    check.label_values("labels", labels, num_classes, ignore_index)
+    impl = resolve("hist_downsample", backend, labels.device)
+    return impl(labels, size, num_classes, threshold, ignore_index, class_weights)
+
+
+def pseudo_label_downsample(
+    probs: torch.Tensor,
+    size: Size,
+    *,
+    threshold: float = 0.5,
+    confidence: float = 0.5,
+    ignore_index: int = 255,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Pseudo-labels at feature resolution from (B, C, H, W) softmax probabilities -> int64 (B, h, w).
+
+    hist_downsample of the per-pixel argmax; cells whose mean max-probability over the window
+    is <= ``confidence`` become ``ignore_index``.
+    """
+    check.float_tensor("probs", probs)
+    check.ndim("probs", probs, (4,), "(B, C, H, W)")
+    if probs.shape[1] < 1:
+        raise ValueError("probs must have at least one class channel (dim 1)")
+    check.integer("ignore_index", ignore_index)
+    size = check.output_size("size", size, tuple(probs.shape[2:]))
+    threshold = check.fraction("threshold", threshold)
+    confidence = check.fraction("confidence", confidence)
+    check.finite("probs", probs)
+    impl = resolve("pseudo_label_downsample", backend, probs.device)
+    return impl(probs, size, threshold, confidence, ignore_index)
+
+
+def class_feature_stats(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int = 255,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-class feature sums (C, K), differentiable w.r.t. ``features``, and counts (C,) int64.
+
+    ``features`` (B, K, h, w) with ``labels`` (B, h, w), or rows (N, K) with labels (N,).
+    Vectors labelled ``ignore_index`` are skipped. Sums are float32 for half-precision and
+    float32 features, float64 for float64 features.
+    """
+    check.features_and_labels(features, labels)
+    check.positive_int("num_classes", num_classes)
+    check.integer("ignore_index", ignore_index)
+    check.label_values("labels", labels, num_classes, ignore_index)
+    impl = resolve("class_feature_stats", backend, features.device)
+    return impl(features, labels, num_classes, ignore_index)
+
+
+def clustering_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    *,
+    valid: Optional[torch.Tensor] = None,
+    ignore_index: int = 255,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Eq. 5: mean over the classes present in ``labels`` (and ``valid``) of the mean squared
+    distance of their vectors to the (constant) prototype (C, K). 0 when no class qualifies."""
+    check.features_and_labels(features, labels)
+    check.float_tensor("prototypes", prototypes)
+    check.ndim("prototypes", prototypes, (2,), "(C, K)")
+    num_classes, width = prototypes.shape
+    if num_classes < 1:
+        raise ValueError("prototypes must have at least one class row, got shape (0, K)")
+    if width != features.shape[1]:
+        raise ValueError(f"prototypes must have width K={features.shape[1]} (features' dim 1), got {width}")
+    check.finite("prototypes", prototypes)
+    valid = check.class_mask("valid", valid, num_classes, features.device)
+    check.integer("ignore_index", ignore_index)
+    check.label_values("labels", labels, num_classes, ignore_index)
+    impl = resolve("clustering_loss", backend, features.device)
+    return impl(features, labels, prototypes.to(features.device), valid, ignore_index)
+
+
+def perpendicularity_loss(prototypes: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 6: mean cosine over ordered pairs of distinct present prototypes (C, K); 0 when fewer
+    than two are present. A (C, K) Gram matrix: no kernel of its own, the fused backward of the
+    compiled backends carries its gradient into the features."""
+    check.float_tensor("prototypes", prototypes)
+    check.ndim("prototypes", prototypes, (2,), "(C, K)")
+    present = check.class_mask("present", present, prototypes.shape[0], prototypes.device)
+    from .. import reference
+
+    return reference.perpendicularity_loss(prototypes, present)
+
+
+def norm_alignment_loss(
+    features: torch.Tensor,
+    reference: Union[float, torch.Tensor],
+    *,
+    mode: str = "source",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Eqs. 7-8 over every vector of (B, K, h, w) or (N, K) features: source mean |r - |f||,
+    target mean max(0, r - |f|), with r = ``reference`` (a constant)."""
+    check.float_tensor("features", features)
+    check.ndim("features", features, (2, 4), "(B, K, h, w) or (N, K)")
+    if features.numel() == 0:
+        raise ValueError(f"features must hold at least one vector, got shape {tuple(features.shape)}")
+    if mode not in ("source", "target"):
+        raise ValueError(f"mode must be 'source' or 'target', got {mode!r}")
+    reference = check.reference_value(reference)
+    check.finite("features", features)
+    impl = resolve("norm_alignment_loss", backend, features.device)
+    return impl(features, reference, mode)
+
+
+def maxsquare_loss(probs: torch.Tensor, *, alpha: float = 0.2, backend: str = "auto") -> torch.Tensor:
+    """Image-wise weighted MaxSquare of (B, C, H, W) probabilities (the L+ entropy term)."""
+    check.float_tensor("probs", probs)
+    check.ndim("probs", probs, (4,), "(B, C, H, W)")
+    if probs.numel() == 0:
+        raise ValueError(f"probs must not be empty, got shape {tuple(probs.shape)}")
+    alpha = check.fraction("alpha", alpha)
+    check.finite("probs", probs)
+    impl = resolve("maxsquare_loss", backend, probs.device)
+    return impl(probs, alpha)
+
+
+def feature_terms(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    reference: Union[float, torch.Tensor],
+    *,
+    mode: str = "source",
+    ignore_index: int = 255,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything LSR needs from one feature map, in one pass on the compiled backends.
+
+    Returns (sums (C, K), counts (C,), per-class sums of ||f - p^_c||^2 (C,), sum of the
+    norm-alignment term over every vector, sum of ||f|| over every vector); all but counts are
+    differentiable w.r.t. ``features``. Combine with ``reference.clustering_from_sums`` and
+    divide the two norm sums by the number of vectors; the batch prototypes are sums / counts.
+    """
+    check.features_and_labels(features, labels)
+    check.float_tensor("prototypes", prototypes)
+    check.ndim("prototypes", prototypes, (2,), "(C, K)")
+    if prototypes.shape[1] != features.shape[1]:
+        raise ValueError(f"prototypes must have width K={features.shape[1]} (features' dim 1), got {prototypes.shape[1]}")
+    if mode not in ("source", "target"):
+        raise ValueError(f"mode must be 'source' or 'target', got {mode!r}")
+    reference = check.reference_value(reference)
+    check.integer("ignore_index", ignore_index)
+    check.label_values("labels", labels, prototypes.shape[0], ignore_index)
+    impl = resolve("feature_terms", backend, features.device)
+    return impl(features, labels, prototypes.to(features.device), reference, mode, ignore_index)

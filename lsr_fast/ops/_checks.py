@@ -1,0 +1,157 @@
+"""Input checks shared by every backend of every public op.
+
+Each check raises TypeError (wrong kind of thing) or ValueError (wrong shape or value) with a
+message that names the argument and says what was expected. Checks that look at tensor values
+(label range, finiteness) synchronise with the device; they can be switched off for a captured
+training step with ``lsr_fast.ops.set_value_checks(False)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the value checks (label range, finite features) on or off; shape checks always run."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    return _value_checks
+
+
+def tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def float_tensor(name: str, value) -> torch.Tensor:
+    tensor(name, value)
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {value.dtype}")
+    return value
+
+
+def integer_labels(name: str, value) -> torch.Tensor:
+    tensor(name, value)
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (e.g. uint8, int32, int64), got {value.dtype}")
+    return value
+
+
+def ndim(name: str, value: torch.Tensor, allowed: Sequence[int], layout: str) -> None:
+    if value.dim() not in allowed:
+        raise ValueError(f"{name} must be {layout}, got a {value.dim()}-d tensor of shape {tuple(value.shape)}")
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def fraction(name: str, value, low: float = 0.0, high: float = 1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (low <= value <= high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return float(value)
+
+
+def output_size(name: str, size: Union[int, Sequence[int]], input_hw: Tuple[int, int]) -> Tuple[int, int]:
+    """A (h, w) no larger than the input's (H, W); an int means a square size."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2:
+        raise TypeError(f"{name} must be an int or a pair (h, w), got {size!r}")
+    h, w = (positive_int(f"{name}[{i}]", int(s) if isinstance(s, torch.SymInt) else s) for i, s in enumerate(size))
+    H, W = input_hw
+    if h > H or w > W:
+        raise ValueError(f"{name} must not be larger than the input's spatial size {(H, W)}, got {(h, w)}")
+    return h, w
+
+
+def label_values(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every value is in [0, num_classes) or equals ignore_index; names the first bad value."""
+    if not _value_checks or labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bool(bad.any()):
+        value = labels[bad].reshape(-1)[0].item()
+        raise ValueError(
+            f"{name} contains the value {value}, which is neither a class in [0, {num_classes}) "
+            f"nor ignore_index={ignore_index}"
+        )
+
+
+def finite(name: str, value: torch.Tensor) -> None:
+    if _value_checks and value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def features_and_labels(features, labels, features_name="features", labels_name="labels") -> None:
+    """(B, K, h, w) features with (B, h, w) labels, or (N, K) rows with (N,) labels."""
+    float_tensor(features_name, features)
+    integer_labels(labels_name, labels)
+    ndim(features_name, features, (2, 4), "(B, K, h, w) or (N, K)")
+    expected = (features.shape[0],) if features.dim() == 2 else (features.shape[0], *features.shape[2:])
+    if tuple(labels.shape) != tuple(expected):
+        raise ValueError(
+            f"{labels_name} must have shape {tuple(expected)} to match {features_name} of shape "
+            f"{tuple(features.shape)}, got {tuple(labels.shape)}"
+        )
+    if labels.device != features.device:
+        raise ValueError(f"{labels_name} is on {labels.device} but {features_name} is on {features.device}")
+    finite(features_name, features)
+
+
+def class_mask(name: str, value: Optional[torch.Tensor], num_classes: int, device) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    tensor(name, value)
+    if value.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {value.dtype}")
+    if tuple(value.shape) != (num_classes,):
+        raise ValueError(f"{name} must have shape ({num_classes},), got {tuple(value.shape)}")
+    return value.to(device)
+
+
+def class_weights(value: Optional[torch.Tensor], num_classes: int) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    float_tensor("class_weights", value)
+    if tuple(value.shape) != (num_classes,):
+        raise ValueError(f"class_weights must have shape ({num_classes},), got {tuple(value.shape)}")
+    if _value_checks and not bool((torch.isfinite(value) & (value >= 0)).all()):
+        raise ValueError("class_weights must be finite and >= 0")
+    return value
+
+
+def reference_value(value) -> Union[float, torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        float_tensor("reference", value)
+        if value.dim() != 0:
+            raise ValueError(f"reference must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        finite("reference", value)
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"reference must be a float or a 0-dim tensor, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"reference must be finite, got {value}")
+    return float(value)

@@ -1,0 +1,315 @@
+"""Pure-torch reference of every LSR op: the oracle every kernel is tested against and the
+baseline every kernel is benchmarked against.
+
+Everything here is vectorised (no Python loop over classes, windows or pixels), runs on the
+tensors' device, never synchronises with the host, and gets its gradients from plain autograd.
+The functions take already-validated arguments; the public, checked entry points live in
+:mod:`lsr_fast.ops`. Semantics are those of ``DESIGN.md`` ("Semantics"); where the design left
+a choice, it is written down next to the code that makes it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "window_bounds",
+    "window_counts",
+    "hist_downsample",
+    "pseudo_label_downsample",
+    "class_feature_stats",
+    "clustering_loss",
+    "clustering_from_sums",
+    "feature_terms",
+    "perpendicularity_loss",
+    "norm_alignment_loss",
+    "maxsquare_loss",
+    "update_prototypes",
+    "COSINE_EPS",
+]
+
+# cos(a, b) = a.b / (max(|a|, eps) * max(|b|, eps)): a zero prototype (possible after a ReLU)
+# has cosine 0 with everything instead of NaN.
+COSINE_EPS = 1e-8
+
+
+def window_bounds(in_size: int, out_size: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Start and end (exclusive) of the ``out_size`` adaptive-pooling windows over ``in_size``.
+
+    Cell i covers [floor(i * in / out), ceil((i + 1) * in / out)), as adaptive_avg_pool2d does.
+    Integer arithmetic only, so every backend gets the same windows.
+    """
+    i = torch.arange(out_size, device=device, dtype=torch.int64)
+    start = (i * in_size) // out_size
+    end = ((i + 1) * in_size + out_size - 1) // out_size
+    return start, end
+
+
+def window_counts(one_hot: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Exact per-window sums of an integer (B, C, H, W) map, windows as in :func:`window_bounds`.
+
+    Uses a zero-padded integral image, so each window costs four lookups whatever its size and
+    overlapping (non-dividing) windows need no special case.
+    """
+    B, C, H, W = one_hot.shape
+    h, w = size
+    integral = F.pad(one_hot.cumsum(2, dtype=torch.int32).cumsum(3, dtype=torch.int32), (1, 0, 1, 0))
+    y0, y1 = window_bounds(H, h, one_hot.device)
+    x0, x1 = window_bounds(W, w, one_hot.device)
+    rows0 = integral.index_select(2, y0)
+    rows1 = integral.index_select(2, y1)
+    return (
+        rows1.index_select(3, x1)
+        - rows1.index_select(3, x0)
+        - rows0.index_select(3, x1)
+        + rows0.index_select(3, x0)
+    )
+
+
+def _peak_ratio_decision(
+    counts: torch.Tensor, threshold: float, ignore_index: int, class_weights: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """DESIGN.md's decision on (B, C, h, w) window histograms -> int64 (B, h, w).
+
+    Counts (times the optional weights) are compared in float32 so every backend rounds alike:
+    keep the top class c1 (lowest index on ties) if n1 > 0 and n2 < threshold * n1.
+    """
+    scores = counts.to(torch.float32)
+    if class_weights is not None:
+        scores = scores * class_weights.to(device=scores.device, dtype=torch.float32).view(1, -1, 1, 1)
+    n1, c1 = scores.max(dim=1)  # first maximum on ties
+    if scores.shape[1] > 1:
+        runner_up = scores.scatter(1, c1.unsqueeze(1), float("-inf"))
+        n2 = runner_up.max(dim=1).values
+    else:
+        n2 = torch.zeros_like(n1)
+    keep = (n1 > 0) & (n2 < torch.tensor(threshold, dtype=torch.float32) * n1)
+    return torch.where(keep, c1, torch.full_like(c1, ignore_index))
+
+
+def hist_downsample(
+    labels: torch.Tensor,
+    size: Tuple[int, int],
+    num_classes: int,
+    threshold: float = 0.5,
+    ignore_index: int = 255,
+    class_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Histogram-aware downsampling of integer (B, H, W) labels to int64 (B, h, w) (Sec. 3).
+
+    Each window's class histogram comes from a one-hot map and an integral image; pixels equal
+    to ``ignore_index`` get no one-hot entry, so they do not vote.
+    """
+    labels = labels.long()
+    valid = labels != ignore_index
+    # Void pixels point at an extra class C that is dropped before counting.
+    index = torch.where(valid, labels, torch.full_like(labels, num_classes))
+    one_hot = F.one_hot(index, num_classes + 1)[..., :num_classes].permute(0, 3, 1, 2)
+    counts = window_counts(one_hot, size)
+    return _peak_ratio_decision(counts, threshold, ignore_index, class_weights)
+
+
+def pseudo_label_downsample(
+    probs: torch.Tensor,
+    size: Tuple[int, int],
+    threshold: float = 0.5,
+    confidence: float = 0.5,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Pseudo-labels at feature resolution from (B, C, H, W) probabilities -> int64 (B, h, w).
+
+    hist_downsample of the per-pixel argmax, then cells whose window-mean of the per-pixel max
+    probability is <= ``confidence`` become ``ignore_index``. The mean is taken in float32
+    (adaptive_avg_pool2d's windows); a cell whose mean lies within float32 rounding of
+    ``confidence`` may be decided differently by backends that sum in another order.
+    """
+    num_classes = probs.shape[1]
+    max_prob, prediction = probs.max(dim=1)
+    labels = hist_downsample(prediction, size, num_classes, threshold, ignore_index)
+    mean_confidence = F.adaptive_avg_pool2d(max_prob.unsqueeze(1).to(torch.float32), size).squeeze(1)
+    return torch.where(mean_confidence > confidence, labels, torch.full_like(labels, ignore_index))
+
+
+def _accumulate_dtype(features: torch.Tensor) -> torch.dtype:
+    # Half-precision features accumulate (and report) in float32; float64 stays float64.
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def _as_rows(features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, h, w) + (B, h, w) -> features (B, K, N) and labels (B, N); (N, K) rows -> (1, K, N)."""
+    if features.dim() == 2:
+        return features.t().unsqueeze(0), labels.reshape(1, -1)
+    B, K = features.shape[:2]
+    return features.reshape(B, K, -1), labels.reshape(B, -1)
+
+
+def _class_index(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Labels as int64 with void mapped to the extra class ``num_classes``."""
+    labels = labels.long()
+    return torch.where(labels == ignore_index, torch.full_like(labels, num_classes), labels)
+
+
+def class_feature_stats(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-class sums (C, K) and counts (C,) int64 of the feature vectors; void is skipped.
+
+    A one-hot matrix product ((C+1) x N times N x K per image) does the scatter-reduction with a
+    GEMM and reads the NCHW features in place; its backward (a gather) comes from autograd.
+    """
+    rows, labels = _as_rows(features, labels)
+    index = _class_index(labels, num_classes, ignore_index)
+    acc = _accumulate_dtype(features)
+    one_hot = F.one_hot(index, num_classes + 1).to(acc)  # (B, N, C+1)
+    sums = torch.einsum("bnc,bkn->ck", one_hot, rows.to(acc))[:num_classes]
+    counts = torch.bincount(index.reshape(-1), minlength=num_classes + 1)[:num_classes]
+    return sums, counts
+
+
+def clustering_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Eq. 5: mean over qualifying classes of the mean ||p_c - f||^2 over their vectors.
+
+    A class qualifies when it has at least one labelled vector and ``valid[c]`` (its prototype
+    has been estimated). The prototypes are constants. 0 when no class qualifies.
+    The distance is taken as an explicit difference (not |f|^2 - 2 f.p + |p|^2) so the oracle
+    has no cancellation error when features sit close to their prototype.
+    """
+    num_classes = prototypes.shape[0]
+    rows, labels = _as_rows(features, labels)
+    index = _class_index(labels, num_classes, ignore_index)  # (B, N)
+    acc = _accumulate_dtype(features)
+    # Void vectors are compared with an extra zero prototype and dropped with class C below.
+    padded = F.pad(prototypes.detach().to(acc), (0, 0, 0, 1))
+    nearest = padded[index].permute(0, 2, 1)  # (B, K, N)
+    sq_dist = (rows.to(acc) - nearest).pow(2).sum(dim=1)  # (B, N)
+    per_class = torch.zeros(num_classes + 1, dtype=acc, device=features.device)
+    per_class = per_class.index_add(0, index.reshape(-1), sq_dist.reshape(-1))[:num_classes]
+    counts = torch.bincount(index.reshape(-1), minlength=num_classes + 1)[:num_classes]
+    return clustering_from_sums(per_class, counts, valid)
+
+
+def clustering_from_sums(sq_dist_sums: torch.Tensor, counts: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 5 from per-class sums of squared distances (C,) and counts (C,), as fused passes return them."""
+    qualifies = counts > 0
+    if valid is not None:
+        qualifies = qualifies & valid.to(device=qualifies.device, dtype=torch.bool)
+    class_means = sq_dist_sums / counts.clamp(min=1).to(sq_dist_sums.dtype)
+    return (class_means * qualifies).sum() / qualifies.sum().clamp(min=1).to(sq_dist_sums.dtype)
+
+
+def perpendicularity_loss(prototypes: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Eq. 6: mean cosine over ordered pairs i != j of the present prototypes; 0 if fewer than 2.
+
+    One Gram matrix of the normalised prototypes replaces the O(C^2) loop of tiny kernels.
+    """
+    num_classes = prototypes.shape[0]
+    acc = _accumulate_dtype(prototypes)
+    if present is None:
+        present = torch.ones(num_classes, dtype=torch.bool, device=prototypes.device)
+    present = present.to(device=prototypes.device, dtype=acc)
+    protos = prototypes.to(acc)
+    unit = protos / torch.linalg.vector_norm(protos, dim=1, keepdim=True).clamp(min=COSINE_EPS)
+    cosines = unit @ unit.t()
+    pair_mask = (present.unsqueeze(0) * present.unsqueeze(1)) * (1 - torch.eye(num_classes, dtype=acc, device=prototypes.device))
+    n = present.sum()
+    return (cosines * pair_mask).sum() / (n * (n - 1)).clamp(min=1)
+
+
+def norm_alignment_loss(
+    features: torch.Tensor, reference: Union[float, torch.Tensor], mode: str = "source"
+) -> torch.Tensor:
+    """Eqs. 7-8 over every feature vector (void too): source mean |r - |f||, target mean relu(r - |f|).
+
+    ``reference`` r is a constant. At |f| = 0 the norm's gradient is taken as 0 (as autograd does).
+    """
+    acc = _accumulate_dtype(features)
+    dim = 1  # K is dim 1 both for (B, K, h, w) maps and (N, K) rows
+    norms = torch.linalg.vector_norm(features.to(acc), dim=dim)
+    if isinstance(reference, torch.Tensor):
+        reference = reference.detach().to(device=features.device, dtype=acc)
+    gap = reference - norms
+    per_vector = gap.abs() if mode == "source" else gap.clamp(min=0)
+    return per_vector.mean()
+
+
+def maxsquare_loss(probs: torch.Tensor, alpha: float = 0.2) -> torch.Tensor:
+    """Image-wise weighted MaxSquare (Chen et al., ICCV 2019), as LSR's L+ uses it.
+
+    L = -1/(B*C) * sum_b sum_x w_b(y_x) * sum_c p_{b,c,x}^2 with y_x = argmax_c p (first on ties)
+    and w_b(c) = 1 / max(N_{b,c}^alpha * N^(1-alpha), 1), N_{b,c} the pixels of image b predicted
+    as c and N the pixels per image. The weights are constants; the histogram stays on device.
+    """
+    B, C = probs.shape[:2]
+    acc = _accumulate_dtype(probs)
+    p = probs.to(acc).reshape(B, C, -1)
+    num_pixels = p.shape[2]
+    prediction = p.argmax(dim=1)  # (B, N)
+    offsets = torch.arange(B, device=probs.device).unsqueeze(1) * C
+    hist = torch.bincount((prediction + offsets).reshape(-1), minlength=B * C).reshape(B, C).to(acc)
+    class_weight = 1.0 / (hist.pow(alpha) * float(num_pixels) ** (1.0 - alpha)).clamp(min=1.0)
+    pixel_weight = class_weight.gather(1, prediction)  # (B, N)
+    return -(p.pow(2).sum(dim=1) * pixel_weight).sum() / (B * C)
+
+
+def update_prototypes(
+    prototypes: torch.Tensor,
+    seen: torch.Tensor,
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    momentum: float = 0.8,
+    init: str = "zero",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. 2-3: EMA of the batch prototypes for the classes present in the batch.
+
+    p_c = sums_c / counts_c; p^_c <- momentum * p^_c + (1 - momentum) * p_c where counts_c > 0,
+    absent classes keep p^_c. With ``init="first"`` a class seen for the first time takes p_c.
+    Returns new (prototypes, seen) tensors, detached; the inputs are not modified.
+    """
+    present = counts > 0
+    batch = sums.detach().to(prototypes.dtype) / counts.clamp(min=1).to(prototypes.dtype).unsqueeze(1)
+    blended = momentum * prototypes + (1.0 - momentum) * batch
+    if init == "first":
+        blended = torch.where(seen.unsqueeze(1), blended, batch)
+    new_prototypes = torch.where(present.unsqueeze(1), blended, prototypes)
+    return new_prototypes, seen | present
+
+
+def feature_terms(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    reference: Union[float, torch.Tensor],
+    mode: str = "source",
+    ignore_index: int = 255,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the compiled backends' fused pass over one feature map returns, from the ops above.
+
+    (sums (C, K), counts (C,), sums of ||f - p^_c||^2 per class (C,), sum over every vector of
+    the norm-alignment term, sum over every vector of ||f||). Clustering is
+    clustering_from_sums(...), the norm loss its sum / number of vectors, the batch prototypes
+    sums / counts and the mean norm (for f-bar_s) norm_sum / number of vectors.
+    """
+    num_classes = prototypes.shape[0]
+    rows, flat_labels = _as_rows(features, labels)
+    index = _class_index(flat_labels, num_classes, ignore_index)
+    acc = _accumulate_dtype(features)
+    sums, counts = class_feature_stats(features, labels, num_classes, ignore_index)
+    padded = F.pad(prototypes.detach().to(acc), (0, 0, 0, 1))
+    sq_dist = (rows.to(acc) - padded[index].permute(0, 2, 1)).pow(2).sum(dim=1)
+    sq_dist_sums = torch.zeros(num_classes + 1, dtype=acc, device=features.device)
+    sq_dist_sums = sq_dist_sums.index_add(0, index.reshape(-1), sq_dist.reshape(-1))[:num_classes]
+    norms = torch.linalg.vector_norm(rows.to(acc), dim=1)
+    if isinstance(reference, torch.Tensor):
+        reference = reference.detach().to(device=features.device, dtype=acc)
+    gap = reference - norms
+    per_vector = gap.abs() if mode == "source" else gap.clamp(min=0)
+    return sums, counts, sq_dist_sums, per_vector.sum(), norms.sum()

@@ -1,0 +1,195 @@
+"""LSRRegularizer: the latent-space terms of Eq. 4 (and L+) with their state in buffers."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from . import ops, reference
+
+# Weights published with the authors' code (DESIGN.md): GTA5 -> Cityscapes, SYNTHIA -> Cityscapes.
+PRESETS = {
+    "gta5": dict(num_classes=19, lambda_cluster=0.1, lambda_perp=0.2, lambda_norm=0.025, lambda_entropy=0.1, alpha=0.2),
+    "synthia": dict(num_classes=16, lambda_cluster=0.05, lambda_perp=0.2, lambda_norm=0.1, lambda_entropy=0.1, alpha=0.0),
+}
+
+TERMS = ("clustering_source", "clustering_target", "perpendicularity", "norm_source", "norm_target", "entropy")
+
+
+class LSRRegularizer(nn.Module):
+    """Clustering (Eq. 5), perpendicularity (Eq. 6), norm alignment (Eqs. 7-8) and, for L+, the
+    image-wise MaxSquare term, over one source and one target feature map per call.
+
+    Buffers: ``prototypes`` (C, K) float32, the EMA prototypes p^ (Eqs. 2-3); ``seen`` (C,), the
+    classes whose p^ has been estimated; ``mean_source_norm``, f-bar_s of the last step; and
+    ``steps``, the number of training-mode calls. In eval mode nothing is updated.
+
+    Order within a step (a choice DESIGN.md leaves open, made so each domain is one fused pass):
+    both clustering terms use p^ and ``seen`` as they stood at the start of the step; the EMA is
+    then updated with this step's source batch prototypes. So on the first step no class is
+    valid and both clustering terms are 0.
+
+    ``forward`` returns every term and ``total``, the weighted sum of the terms; the trainer adds
+    the source cross-entropy CE_s to it.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        *,
+        lambda_cluster: float = 0.1,
+        lambda_perp: float = 0.2,
+        lambda_norm: float = 0.025,
+        lambda_entropy: float = 0.0,
+        alpha: float = 0.2,
+        momentum: float = 0.8,
+        norm_delta: float = 0.002,
+        label_threshold: float = 0.5,
+        confidence: float = 0.5,
+        ignore_index: int = 255,
+        prototype_init: str = "zero",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("feature_dim", feature_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (
+            ("lambda_cluster", lambda_cluster), ("lambda_perp", lambda_perp), ("lambda_norm", lambda_norm),
+            ("lambda_entropy", lambda_entropy), ("norm_delta", norm_delta),
+        ):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        for name, value in (("alpha", alpha), ("momentum", momentum), ("label_threshold", label_threshold), ("confidence", confidence)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if prototype_init not in ("zero", "first"):
+            raise ValueError(f"prototype_init must be 'zero' (paper) or 'first', got {prototype_init!r}")
+        self.num_classes, self.feature_dim = num_classes, feature_dim
+        self.lambda_cluster, self.lambda_perp = float(lambda_cluster), float(lambda_perp)
+        self.lambda_norm, self.lambda_entropy = float(lambda_norm), float(lambda_entropy)
+        self.alpha, self.momentum, self.norm_delta = float(alpha), float(momentum), float(norm_delta)
+        self.label_threshold, self.confidence = float(label_threshold), float(confidence)
+        self.ignore_index, self.prototype_init, self.backend = ignore_index, prototype_init, backend
+        self.register_buffer("prototypes", torch.zeros(num_classes, feature_dim))
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("mean_source_norm", torch.zeros(()))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        # Host copy of `steps > 0`, so forward never reads a device value (no sync).
+        self._norm_initialised = False
+
+    @classmethod
+    def from_preset(cls, name: str, feature_dim: int = 2048, **overrides) -> "LSRRegularizer":
+        """The published weights: ``"gta5"`` (19 classes) or ``"synthia"`` (16 classes), L+ form."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(feature_dim=feature_dim, **{**PRESETS[name], **overrides})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "steps" in state_dict:
+            self._norm_initialised = bool(state_dict[prefix + "steps"] > 0)
+
+    def _labels_at(self, labels: torch.Tensor, size) -> torch.Tensor:
+        if tuple(labels.shape[-2:]) == tuple(size):
+            return labels
+        return ops.hist_downsample(
+            labels, size, self.num_classes, threshold=self.label_threshold,
+            ignore_index=self.ignore_index, backend=self.backend,
+        )
+
+    def forward(
+        self,
+        source_features: torch.Tensor,
+        source_labels: torch.Tensor,
+        target_features: torch.Tensor,
+        target_probs: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:
+        """Source features (B, K, h, w) with labels (B, H, W) or (B, h, w); target features
+        (B', K, h', w') with softmax probabilities (B', C, H', W') or (B', C, h', w')."""
+        for name, value in (("source_features", source_features), ("target_features", target_features)):
+            if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[1] != self.feature_dim:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be (B, {self.feature_dim}, h, w), got {shape}")
+        if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 4 or target_probs.shape[1] != self.num_classes:
+            shape = tuple(target_probs.shape) if isinstance(target_probs, torch.Tensor) else type(target_probs).__name__
+            raise ValueError(f"target_probs must be (B, {self.num_classes}, H, W) probabilities, got {shape}")
+        if not isinstance(source_labels, torch.Tensor) or source_labels.dim() != 3:
+            raise ValueError("source_labels must be a (B, H, W) integer tensor")
+        source_labels = self._labels_at(source_labels, source_features.shape[2:])
+        pseudo_labels = ops.pseudo_label_downsample(
+            target_probs.detach(), tuple(target_features.shape[2:]), threshold=self.label_threshold,
+            confidence=self.confidence, ignore_index=self.ignore_index, backend=self.backend,
+        )
+
+        if self._norm_initialised:
+            f_bar = self.mean_source_norm
+        else:  # first step: f-bar_s of the current batch, detached
+            f_bar = torch.linalg.vector_norm(source_features.detach().float(), dim=1).mean()
+        norm_reference = f_bar + self.norm_delta
+
+        prototypes = self.prototypes.detach()
+        common = dict(ignore_index=self.ignore_index, backend=self.backend)
+        s_sums, s_counts, s_sq, s_norm_loss, s_norm_sum = ops.feature_terms(
+            source_features, source_labels, prototypes, norm_reference, mode="source", **common)
+        t_sums, t_counts, t_sq, t_norm_loss, t_norm_sum = ops.feature_terms(
+            target_features, pseudo_labels, prototypes, norm_reference, mode="target", **common)
+        source_vectors = source_features.shape[0] * source_features.shape[2] * source_features.shape[3]
+        target_vectors = target_features.shape[0] * target_features.shape[2] * target_features.shape[3]
+
+        batch_prototypes = s_sums / s_counts.clamp(min=1).unsqueeze(1).to(s_sums.dtype)
+        terms = {
+            "clustering_source": reference.clustering_from_sums(s_sq, s_counts, self.seen),
+            "clustering_target": reference.clustering_from_sums(t_sq, t_counts, self.seen),
+            "perpendicularity": ops.perpendicularity_loss(batch_prototypes, s_counts > 0),
+            "norm_source": s_norm_loss / source_vectors,
+            "norm_target": t_norm_loss / target_vectors,
+        }
+        if self.lambda_entropy > 0:
+            terms["entropy"] = ops.maxsquare_loss(target_probs, alpha=self.alpha, backend=self.backend)
+        else:
+            terms["entropy"] = s_norm_loss.new_zeros(())
+        terms["total"] = (
+            self.lambda_cluster * (terms["clustering_source"] + terms["clustering_target"])
+            + self.lambda_perp * terms["perpendicularity"]
+            + self.lambda_norm * (terms["norm_source"] + terms["norm_target"])
+            + self.lambda_entropy * terms["entropy"]
+        )
+        terms["source_mean_norm"] = (s_norm_sum / source_vectors).detach()
+        terms["target_mean_norm"] = (t_norm_sum / target_vectors).detach()
+        terms["source_labels"] = source_labels
+        terms["pseudo_labels"] = pseudo_labels
+
+        if self.training:
+            self._update_state(s_sums, s_counts, terms["source_mean_norm"])
+        return terms
+
+    @torch.no_grad()
+    def _update_state(self, sums: torch.Tensor, counts: torch.Tensor, source_mean_norm: torch.Tensor) -> None:
+        new_prototypes, new_seen = reference.update_prototypes(
+            self.prototypes, self.seen, sums.detach().to(self.prototypes.dtype), counts,
+            momentum=self.momentum, init=self.prototype_init,
+        )
+        self.prototypes.copy_(new_prototypes)
+        self.seen.copy_(new_seen)
+        self.mean_source_norm.copy_(source_mean_norm)
+        self.steps.add_(1)
+        self._norm_initialised = True
+
+    def mean_prototype_angle(self) -> torch.Tensor:
+        """Mean angle in degrees over pairs of distinct seen prototypes (the paper's Fig. 6
+        diagnostic); NaN when fewer than two classes have been seen."""
+        unit = self.prototypes / torch.linalg.vector_norm(self.prototypes, dim=1, keepdim=True).clamp(min=reference.COSINE_EPS)
+        angles = torch.rad2deg(torch.acos((unit @ unit.t()).clamp(-1.0, 1.0)))
+        pairs = self.seen.unsqueeze(0) & self.seen.unsqueeze(1) & ~torch.eye(self.num_classes, dtype=torch.bool, device=self.seen.device)
+        return (angles * pairs).sum() / pairs.sum()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, lambda_cluster={self.lambda_cluster}, "
+            f"lambda_perp={self.lambda_perp}, lambda_norm={self.lambda_norm}, lambda_entropy={self.lambda_entropy}, "
+            f"alpha={self.alpha}, momentum={self.momentum}, norm_delta={self.norm_delta}, backend={self.backend!r}"
+        )

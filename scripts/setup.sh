@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up .venv for this checkout: torch (CPU build 2.13.0 unless TORCH_SPEC says otherwise),
+# the test/benchmark tools, and lsr_fast itself in editable mode with its C++ extension built.
+# Sourced by scripts/run.sh and scripts/test.sh; safe to run again (it reuses .venv).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  "${PIP[@]}" install "$TORCH_SPEC"
+fi
+"${PIP[@]}" install "numpy>=1.24" "pytest>=7" "hypothesis>=6" expecttest "pytest-benchmark>=4" "pyyaml>=6" "setuptools>=64" wheel
+# --no-build-isolation: compile the extension against the torch installed above.
+"${PIP[@]}" install --no-build-isolation --no-deps -e .
+.venv/bin/python -c "import lsr_fast; print('lsr_fast backends:', lsr_fast.available_backends())"

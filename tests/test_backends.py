@@ -1,0 +1,111 @@
+"""Backend selection, availability report, and the build helpers of setup.py."""
+
+import importlib.util
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lsr_fast
+from lsr_fast.ops import _backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_available_backends_reports_every_backend():
+    report = lsr_fast.available_backends()
+    assert set(report) == {"reference", "cpp", "cuda", "triton"}
+    assert report["reference"] == "available"
+    for name, state in report.items():
+        assert isinstance(state, str) and state  # "available" or a reason
+    if not torch.cuda.is_available():
+        assert report["cuda"] != "available"
+
+
+def test_import_and_report_in_a_fresh_interpreter():
+    out = subprocess.run([sys.executable, "-c", "import lsr_fast; print(lsr_fast.available_backends())"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "'reference': 'available'" in out.stdout
+
+
+def test_unknown_backend_is_an_error():
+    labels = torch.zeros(1, 4, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        lsr_fast.hist_downsample(labels, 2, 1, backend="fortran")
+
+
+@pytest.mark.parametrize("name", ["cpp", "cuda", "triton"])
+def test_unusable_backend_by_name_raises_with_the_reason(name):
+    reason = lsr_fast.available_backends()[name]
+    labels = torch.zeros(1, 4, 4, dtype=torch.int64)
+    if reason == "available":
+        pytest.skip(f"{name} is usable here")
+    with pytest.raises(RuntimeError, match=f"backend '{name}' is not usable here"):
+        lsr_fast.hist_downsample(labels, 2, 1, backend=name)
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    if lsr_fast.available_backends()["cuda"] != "available":
+        pytest.skip("cuda backend not usable here")
+    with pytest.raises(ValueError, match="runs on cuda tensors"):
+        lsr_fast.hist_downsample(torch.zeros(1, 4, 4, dtype=torch.int64), 2, 1, backend="cuda")
+
+
+def test_auto_picks_the_compiled_backend_on_cpu_when_built():
+    impl = _backends.resolve("hist_downsample", "auto", torch.device("cpu"))
+    expected = "lsr_fast.ops._compiled" if lsr_fast.available_backends()["cpp"] == "available" else "lsr_fast.reference"
+    assert impl.__module__ == expected
+
+
+def test_value_checks_can_be_switched_off():
+    labels = torch.full((1, 2, 2), 7)
+    try:
+        lsr_fast.set_value_checks(False)
+        # Not checked: the reference then treats 7 as a class outside [0, C) (one_hot errors).
+        with pytest.raises(RuntimeError):
+            lsr_fast.hist_downsample(labels, 1, 3, backend="reference")
+    finally:
+        lsr_fast.set_value_checks(True)
+    with pytest.raises(ValueError, match="value 7"):
+        lsr_fast.hist_downsample(labels, 1, 3)
+
+
+# ---- setup.py helpers ------------------------------------------------------------------------
+
+
+def load_setup_module():
+    spec = importlib.util.spec_from_file_location("lsr_fast_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the setup() call is guarded by __main__
+    return module
+
+
+def test_cuda_root_is_found_behind_a_wrapper_script(tmp_path, monkeypatch):
+    toolkit = tmp_path / "toolkit"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    wrapper_dir = tmp_path / "wrappers"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper_dir))
+    assert load_setup_module().cuda_toolkit_root() == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))  # an unusable CUDA_HOME is passed over
+    assert load_setup_module().cuda_toolkit_root() == str(toolkit)
+
+
+def test_env_flags_are_strict(monkeypatch):
+    setup = load_setup_module()
+    monkeypatch.setenv("LSR_FAST_CUDA", "yes")
+    with pytest.raises(SystemExit, match="LSR_FAST_CUDA must be 0 or 1"):
+        setup.env_flag("LSR_FAST_CUDA")
+    monkeypatch.setenv("LSR_FAST_CUDA", "0")
+    assert setup.env_flag("LSR_FAST_CUDA") is False
