@@ -51,22 +51,19 @@ def window_bounds(in_size: int, out_size: int, device=None) -> Tuple[torch.Tenso
 def window_counts(one_hot: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """Exact per-window sums of an integer (B, C, H, W) map, windows as in :func:`window_bounds`.
 
-    Uses a zero-padded integral image, so each window costs four lookups whatever its size and
-    overlapping (non-dividing) windows need no special case.
+    Separable prefix sums: a cumulative sum down the rows gives every row-window's column
+    counts by one subtraction, then a cumulative sum along those gives every window's count.
+    Each window costs O(1) whatever its size, and overlapping (non-dividing) windows need no
+    special case.
     """
     B, C, H, W = one_hot.shape
     h, w = size
-    integral = F.pad(one_hot.cumsum(2, dtype=torch.int32).cumsum(3, dtype=torch.int32), (1, 0, 1, 0))
     y0, y1 = window_bounds(H, h, one_hot.device)
     x0, x1 = window_bounds(W, w, one_hot.device)
-    rows0 = integral.index_select(2, y0)
-    rows1 = integral.index_select(2, y1)
-    return (
-        rows1.index_select(3, x1)
-        - rows1.index_select(3, x0)
-        - rows0.index_select(3, x1)
-        + rows0.index_select(3, x0)
-    )
+    down = F.pad(one_hot.cumsum(2, dtype=torch.int32), (0, 0, 1, 0))  # (B, C, H + 1, W)
+    bands = down.index_select(2, y1) - down.index_select(2, y0)  # (B, C, h, W)
+    across = F.pad(bands.cumsum(3, dtype=torch.int32), (1, 0))  # (B, C, h, W + 1)
+    return across.index_select(3, x1) - across.index_select(3, x0)
 
 
 def _peak_ratio_decision(
@@ -105,9 +102,12 @@ def hist_downsample(
     """
     labels = labels.long()
     valid = labels != ignore_index
-    # Void pixels point at an extra class C that is dropped before counting.
+    # Void pixels point at an extra class C that is dropped before counting. The one-hot map is
+    # scattered straight into (B, C, H, W) int32, the layout the prefix sums want.
     index = torch.where(valid, labels, torch.full_like(labels, num_classes))
-    one_hot = F.one_hot(index, num_classes + 1)[..., :num_classes].permute(0, 3, 1, 2)
+    B, H, W = labels.shape
+    one_hot = torch.zeros(B, num_classes + 1, H, W, dtype=torch.int32, device=labels.device)
+    one_hot = one_hot.scatter_(1, index.unsqueeze(1), 1)[:, :num_classes]
     counts = window_counts(one_hot, size)
     return _peak_ratio_decision(counts, threshold, ignore_index, class_weights)
 
