@@ -37,6 +37,8 @@ def unavailable_reason(backend: str) -> str:
     """Empty when ``backend`` ("cpp" or "cuda") has kernels for every op, else why not."""
     if _LOAD_ERROR:
         return _LOAD_ERROR
+    if backend == "cuda" and torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
     key = _DISPATCH_KEY[backend]
     missing = [
         name
