@@ -13,7 +13,8 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "$TORCH_SPEC"
 fi
-"${PIP[@]}" install "numpy>=1.24" "pytest>=7" "hypothesis>=6" expecttest "pytest-benchmark>=4" "pyyaml>=6" "setuptools>=64" wheel
+# Triton: the kernels of backend="triton"; without a GPU the tests run them in its interpreter.
+"${PIP[@]}" install "numpy>=1.24" "triton>=3.0" "pytest>=7" "hypothesis>=6" expecttest "pytest-benchmark>=4" "pyyaml>=6" "setuptools>=64" wheel
 # --no-build-isolation: compile the extension against the torch installed above.
 "${PIP[@]}" install --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import lsr_fast; print('lsr_fast backends:', lsr_fast.available_backends())"

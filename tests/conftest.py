@@ -2,10 +2,16 @@
 
 import os
 
-import pytest
 import torch
 
-import lsr_fast
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen
+# before any Triton kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import lsr_fast  # noqa: E402
 
 # Tolerances per feature dtype for losses and gradients (kernels accumulate in float32).
 TOLERANCES = {
