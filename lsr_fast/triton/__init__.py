@@ -1,0 +1,131 @@
+"""The Triton backend ("triton"): torch.ops.lsr_fast_triton.*
+
+Every op is a ``torch.library.custom_op`` under the namespace ``lsr_fast_triton`` (so it does
+not clash with the C++ ``lsr_fast`` ops) with a fake implementation, so torch.compile traces
+it without a graph break, and an autograd formula whose backward is one more Triton kernel.
+The functions at the bottom have the reference's signatures (arguments already checked by
+lsr_fast.ops) and are what lsr_fast.ops dispatches to, as lsr_fast/ops/_compiled.py does for
+the C++ ops.
+
+On a GPU the kernels run on CUDA tensors; with ``TRITON_INTERPRET=1`` set before this package
+is imported they run in Triton's interpreter on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+
+    _IMPORT_ERROR = ""
+except ImportError as error:  # the optional dependency is missing
+    _IMPORT_ERROR = f"triton is not installed ({error})"
+
+NORM_MODES = {"source": 0, "target": 1}
+
+
+def unavailable_reason(backend: str = "triton") -> str:
+    """Empty when the Triton kernels can run here, else why not."""
+    if _IMPORT_ERROR:
+        return _IMPORT_ERROR
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device and TRITON_INTERPRET is not 1"
+    return ""
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if not _IMPORT_ERROR:
+    from .class_feature_stats import class_feature_stats_backward_op, class_feature_stats_op
+    from .feature_terms import feature_terms_backward_op, feature_terms_op
+    from .hist_downsample import hist_downsample_op, pseudo_label_downsample_op
+    from .maxsquare import maxsquare_loss_backward_op, maxsquare_loss_op
+
+    OPS = {
+        "hist_downsample": hist_downsample_op,
+        "pseudo_label_downsample": pseudo_label_downsample_op,
+        "class_feature_stats": class_feature_stats_op,
+        "class_feature_stats_backward": class_feature_stats_backward_op,
+        "feature_terms": feature_terms_op,
+        "feature_terms_backward": feature_terms_backward_op,
+        "maxsquare_loss": maxsquare_loss_op,
+        "maxsquare_loss_backward": maxsquare_loss_backward_op,
+    }
+
+
+# ---- the backend functions (reference signatures, checked arguments) -------------------------
+
+
+def hist_downsample(labels, size, num_classes, threshold, ignore_index, class_weights):
+    if class_weights is not None:
+        class_weights = class_weights.to(device=labels.device, dtype=torch.float32).contiguous()
+    return torch.ops.lsr_fast_triton.hist_downsample(labels, size[0], size[1], num_classes, threshold, ignore_index, class_weights)
+
+
+def pseudo_label_downsample(probs, size, threshold, confidence, ignore_index):
+    return torch.ops.lsr_fast_triton.pseudo_label_downsample(probs, size[0], size[1], threshold, confidence, ignore_index)
+
+
+def class_feature_stats(features, labels, num_classes, ignore_index):
+    return torch.ops.lsr_fast_triton.class_feature_stats(features, labels, num_classes, ignore_index)
+
+
+def _reference_tensor(reference: Union[float, torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A float becomes a device tensor by a fill (no host-to-device copy); a tensor is never read
+    # on the host, and is copied (see feature_terms).
+    if isinstance(reference, torch.Tensor):
+        return reference.detach().to(device=device, dtype=dtype, copy=True)
+    return torch.full((), float(reference), dtype=dtype, device=device)
+
+
+def feature_terms(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    reference: Union[float, torch.Tensor],
+    mode: str,
+    ignore_index: int,
+):
+    """One pass: (sums (C,K), counts (C,), squared-distance sums (C,), norm-loss sum, norm sum)."""
+    acc = _accumulate_dtype(features.dtype)
+    reference = _reference_tensor(reference, acc, features.device)
+    # Copies: the op saves them for backward, and callers update their prototype bank (and
+    # norm reference) in place before calling backward (LSRRegularizer does, after forward);
+    # a (C, K) copy costs nothing next to the pass over the features.
+    prototypes = prototypes.detach().to(device=features.device, dtype=acc, memory_format=torch.contiguous_format, copy=True)
+    outputs = torch.ops.lsr_fast_triton.feature_terms(features, labels, prototypes, reference, NORM_MODES[mode], ignore_index)
+    return tuple(outputs[:5])
+
+
+def clustering_loss(features, labels, prototypes, valid, ignore_index):
+    _, counts, sq_dist_sums, _, _ = feature_terms(features, labels, prototypes, 0.0, "source", ignore_index)
+    return clustering_from_sums(sq_dist_sums, counts, valid)
+
+
+def norm_alignment_loss(features, reference, mode):
+    rows = features.shape[0] if features.dim() == 2 else features.shape[0] * features.shape[2] * features.shape[3]
+    no_labels = torch.zeros(features.shape[:1] + features.shape[2:], dtype=torch.uint8, device=features.device)
+    # With zero classes every vector is void: only the norm terms are computed.
+    empty = features.new_zeros((0, features.shape[1]), dtype=_accumulate_dtype(features.dtype))
+    _, _, _, norm_loss_sum, _ = feature_terms(features, no_labels, empty, reference, mode, 0)
+    return norm_loss_sum / rows
+
+
+def maxsquare_loss(probs, alpha):
+    return torch.ops.lsr_fast_triton.maxsquare_loss(probs, alpha)[0]
+
+
+def clustering_from_sums(sq_dist_sums: torch.Tensor, counts: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Eq. 5 from per-class squared-distance sums and counts (what every fused pass returns)."""
+    qualifies = counts > 0
+    if valid is not None:
+        qualifies = qualifies & valid
+    class_means = sq_dist_sums / counts.clamp(min=1).to(sq_dist_sums.dtype)
+    return (class_means * qualifies).sum() / qualifies.sum().clamp(min=1).to(sq_dist_sums.dtype)
