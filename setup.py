@@ -109,11 +109,13 @@ def extension_modules():
         if force_cuda and reasons:
             sys.exit("setup.py: LSR_FAST_CUDA=1 but " + "; ".join(reasons))
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        # With no GPU to ask, cpp_extension cannot pick the architectures: Ampere and Hopper.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        # With no GPU to ask, cpp_extension cannot pick the architectures: Ampere and Hopper
+        # SASS, plus Hopper PTX that newer GPUs can JIT-compile.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: cpp_extension picks the standard torch's headers need (C++20 for torch >= 2.10).
+    cxx_flags = ["-O3"]
     if sys.platform != "win32":
         cxx_flags.append("-fopenmp")
     extra = {"cxx": cxx_flags}
@@ -121,7 +123,7 @@ def extension_modules():
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         include_dirs += nvidia_wheel_include_dirs()
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         extension_class = cpp_extension.CUDAExtension
     else:
         extension_class = cpp_extension.CppExtension

@@ -1,0 +1,84 @@
+// class_feature_stats and its backward on CUDA (kernels in feature_pass.cuh).
+// Forward: one pass over the features; per-class sums (C, K) in float32 (float64 for float64
+// features) and counts (C,) int64; void vectors are skipped. Backward: a gather,
+// grad[f of class c] = grad_sums[c], 0 for void, in the features' dtype and memory format.
+#include "feature_pass.cuh"
+
+namespace lsr_fast {
+namespace cuda {
+namespace {
+
+void check_features(const at::Tensor& features, const at::Tensor& labels) {
+  check_cuda(features, "features");
+  check_same_device(features, labels, "features", "labels");
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
+              "lsr_fast: features must be float16, bfloat16, float32 or float64, got ", features.scalar_type());
+  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "lsr_fast: features must be (B, K, h, w) or (N, K), got shape ",
+              features.sizes());
+  check_labels_match(features, labels);
+}
+
+std::tuple<at::Tensor, at::Tensor> class_feature_stats_cuda(const at::Tensor& features, const at::Tensor& labels,
+                                                            int64_t num_classes, int64_t ignore_index) {
+  check_features(features, labels);
+  TORCH_CHECK(num_classes >= 0, "lsr_fast: num_classes must be >= 0, got ", num_classes);
+  c10::cuda::CUDAGuard guard(features.device());
+  const int64_t K = features.size(1);
+  const auto acc = accumulate_type(features.scalar_type());
+  const bool det = deterministic();
+  // The deterministic path writes every element of sums; the atomic one adds into zeros.
+  at::Tensor sums = det ? at::empty({num_classes, K}, features.options().dtype(acc))
+                        : at::zeros({num_classes, K}, features.options().dtype(acc));
+  at::Tensor counts = at::zeros({num_classes}, features.options().dtype(at::kLong));
+  const int64_t positions =
+      features.dim() == 2 ? features.size(0) : features.size(0) * features.size(2) * features.size(3);
+  // K == 0 with positions still runs the kernel: the counts need the labels.
+  if (positions == 0 || num_classes == 0) {
+    if (det) sums.zero_();
+    return {sums, counts};
+  }
+  const auto [f, layout] = flat_features(features);
+  const Labels lab = prepare_labels(labels);
+  const int sms = sm_count(features);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "class_feature_stats_cuda", [&] {
+    const FeaturePassPlan plan = plan_feature_pass<scalar_t, false>(f, layout, lab, num_classes, ignore_index, sms);
+    run_feature_pass<scalar_t, false>(plan, f, sums, reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
+                                      nullptr, nullptr, sms);
+  });
+  return {sums, counts};
+}
+
+at::Tensor class_feature_stats_backward_cuda(const at::Tensor& grad_sums, const at::Tensor& features,
+                                             const at::Tensor& labels, int64_t ignore_index) {
+  check_features(features, labels);
+  check_same_device(features, grad_sums, "features", "grad_sums");
+  TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(1) == features.size(1),
+              "lsr_fast: grad_sums must be (C, K) with K = ", features.size(1), ", got ", grad_sums.sizes());
+  c10::cuda::CUDAGuard guard(features.device());
+  const int64_t C = grad_sums.size(0);
+  BackwardTensors bt = backward_tensors(features);
+  if (bt.out.numel() == 0) return bt.out;
+  const auto acc = accumulate_type(features.scalar_type());
+  const at::Tensor gs = grad_sums.to(acc).contiguous();
+  const Labels lab = prepare_labels(labels);
+  const int sms = sm_count(features);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "class_feature_stats_backward_cuda",
+                                  [&] {
+                                    using acc_t = at::opmath_type<scalar_t>;
+                                    run_feature_backward<scalar_t, false>(
+                                        bt.f, bt.work, bt.layout, lab, C, ignore_index, kNormSource,
+                                        gs.const_data_ptr<acc_t>(), nullptr, nullptr, nullptr, nullptr, nullptr, sms);
+                                  });
+  finish_backward(bt);
+  return bt.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lsr_fast, CUDA, m) {
+  m.impl("class_feature_stats", &class_feature_stats_cuda);
+  m.impl("class_feature_stats_backward", &class_feature_stats_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace lsr_fast

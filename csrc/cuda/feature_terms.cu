@@ -1,0 +1,145 @@
+// feature_terms and its backward on CUDA (kernels in feature_pass.cuh).
+// Forward: one pass over the features gives the class sums and the per-position partial
+// |f|^2 and |f - p_c|^2; a light per-position kernel and a one-block kernel finish counts,
+// per-class squared-distance sums and the norm terms in a fixed order. The reference is read
+// on the device (no host synchronisation). Backward: one kernel writes
+//   grad f = [f labelled c] (grad_sums[c] + 2 grad_sq[c] (f - p_c))
+//          + (grad_norm_loss * dloss/d|f| + grad_norm_sum) * f / |f|   (0 where |f| == 0).
+#include "feature_pass.cuh"
+
+namespace lsr_fast {
+namespace cuda {
+namespace {
+
+void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes,
+                  const at::Tensor& reference, int64_t norm_mode) {
+  check_cuda(features, "features");
+  check_same_device(features, labels, "features", "labels");
+  check_same_device(features, prototypes, "features", "prototypes");
+  check_same_device(features, reference, "features", "reference");
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
+              "lsr_fast: features must be float16, bfloat16, float32 or float64, got ", features.scalar_type());
+  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "lsr_fast: features must be (B, K, h, w) or (N, K), got shape ",
+              features.sizes());
+  check_labels_match(features, labels);
+  TORCH_CHECK(prototypes.dim() == 2 && prototypes.size(1) == features.size(1), "lsr_fast: prototypes must be (C, K) with K = ",
+              features.size(1), ", got ", prototypes.sizes());
+  TORCH_CHECK(reference.numel() == 1 && at::isFloatingType(reference.scalar_type()),
+              "lsr_fast: reference must be a 0-dim floating-point tensor, got shape ", reference.sizes(), " of ",
+              reference.scalar_type());
+  TORCH_CHECK(norm_mode == kNormSource || norm_mode == kNormTarget,
+              "lsr_fast: norm_mode must be 0 (source) or 1 (target), got ", norm_mode);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_terms_cuda(
+    const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes, const at::Tensor& reference,
+    int64_t norm_mode, int64_t ignore_index) {
+  check_inputs(features, labels, prototypes, reference, norm_mode);
+  c10::cuda::CUDAGuard guard(features.device());
+  const int64_t K = features.size(1);
+  const int64_t C = prototypes.size(0);
+  const auto acc = accumulate_type(features.scalar_type());
+  const auto acc_options = features.options().dtype(acc);
+  const bool det = deterministic();
+  at::Tensor sums = det ? at::empty({C, K}, acc_options) : at::zeros({C, K}, acc_options);
+  at::Tensor counts = at::zeros({C}, features.options().dtype(at::kLong));
+  at::Tensor sq_dist_sums = at::empty({C}, acc_options);
+  at::Tensor norm_loss_sum = at::empty({}, acc_options);
+  at::Tensor norm_sum = at::empty({}, acc_options);
+  const int64_t positions =
+      features.dim() == 2 ? features.size(0) : features.size(0) * features.size(2) * features.size(3);
+  if (positions == 0) {
+    sums.zero_();
+    sq_dist_sums.zero_();
+    norm_loss_sum.zero_();
+    norm_sum.zero_();
+    return {sums, counts, sq_dist_sums, norm_loss_sum, norm_sum};
+  }
+  const at::Tensor protos = prototypes.to(acc).contiguous();
+  const at::Tensor ref = reference.to(acc).reshape({});
+  const auto [f, layout] = flat_features(features);
+  const Labels lab = prepare_labels(labels);
+  const int sms = sm_count(features);
+  const int64_t N = layout.B * layout.HW;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "feature_terms_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const FeaturePassPlan plan = plan_feature_pass<scalar_t, true>(f, layout, lab, C, ignore_index, sms);
+    // Per K-tile partial |f|^2 and |f - p|^2 of every position (fully written by the pass).
+    at::Tensor pos_partial = at::empty({2 * int64_t(plan.args.ktiles) * N}, acc_options);
+    run_feature_pass<scalar_t, true>(plan, f, sums, nullptr, protos.const_data_ptr<acc_t>(),
+                                     pos_partial.data_ptr<acc_t>(), sms);
+
+    const int64_t grid = std::min<int64_t>(ceil_div(N, kThreads), int64_t(sms) * 4);
+    const bool acc_in_smem = int64_t(kWarps) * C * int64_t(sizeof(acc_t)) <= kTermScratch;
+    at::Tensor acc_scratch;
+    if (!acc_in_smem) acc_scratch = at::empty({grid * kWarps * C}, acc_options);
+    at::Tensor block_sq = at::empty({grid * C}, acc_options);
+    at::Tensor block_norm = at::empty({grid * 2}, acc_options);
+    const size_t smem = sizeof(acc_t) * static_cast<size_t>(kWarps + kWarps * 32 + (acc_in_smem ? kWarps * C : 0));
+    terms_finalize_kernel<acc_t><<<static_cast<unsigned>(grid), kThreads, smem, stream()>>>(
+        pos_partial.const_data_ptr<acc_t>(), plan.args.ktiles, N, lab.tensor.const_data_ptr(), lab.kind, ignore_index,
+        static_cast<int>(C), ref.const_data_ptr<acc_t>(), static_cast<int>(norm_mode),
+        reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
+        acc_in_smem ? nullptr : acc_scratch.data_ptr<acc_t>(), block_sq.data_ptr<acc_t>(), block_norm.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    terms_reduce_kernel<acc_t><<<1, kThreads, 0, stream()>>>(
+        block_sq.const_data_ptr<acc_t>(), block_norm.const_data_ptr<acc_t>(), static_cast<int>(grid),
+        static_cast<int>(C), sq_dist_sums.data_ptr<acc_t>(), norm_loss_sum.data_ptr<acc_t>(),
+        norm_sum.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sums, counts, sq_dist_sums, norm_loss_sum, norm_sum};
+}
+
+at::Tensor feature_terms_backward_cuda(const at::Tensor& grad_sums, const at::Tensor& grad_sq_dist_sums,
+                                       const at::Tensor& grad_norm_loss_sum, const at::Tensor& grad_norm_sum,
+                                       const at::Tensor& features, const at::Tensor& labels,
+                                       const at::Tensor& prototypes, const at::Tensor& reference, int64_t norm_mode,
+                                       int64_t ignore_index) {
+  check_inputs(features, labels, prototypes, reference, norm_mode);
+  const int64_t K = features.size(1);
+  const int64_t C = prototypes.size(0);
+  check_same_device(features, grad_sums, "features", "grad_sums");
+  check_same_device(features, grad_sq_dist_sums, "features", "grad_sq_dist_sums");
+  check_same_device(features, grad_norm_loss_sum, "features", "grad_norm_loss_sum");
+  check_same_device(features, grad_norm_sum, "features", "grad_norm_sum");
+  TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(0) == C && grad_sums.size(1) == K,
+              "lsr_fast: grad_sums must be (", C, ", ", K, "), got ", grad_sums.sizes());
+  TORCH_CHECK(grad_sq_dist_sums.dim() == 1 && grad_sq_dist_sums.size(0) == C,
+              "lsr_fast: grad_sq_dist_sums must be (", C, ",), got ", grad_sq_dist_sums.sizes());
+  TORCH_CHECK(grad_norm_loss_sum.numel() == 1 && grad_norm_sum.numel() == 1,
+              "lsr_fast: grad_norm_loss_sum and grad_norm_sum must be 0-dim tensors");
+  c10::cuda::CUDAGuard guard(features.device());
+  BackwardTensors bt = backward_tensors(features);
+  if (bt.out.numel() == 0) return bt.out;
+  const auto acc = accumulate_type(features.scalar_type());
+  // Conversions are no-ops for the gradients autograd hands over (already acc dtype, contiguous).
+  const at::Tensor gs = grad_sums.to(acc).contiguous();
+  const at::Tensor gq = grad_sq_dist_sums.to(acc).contiguous();
+  const at::Tensor gl = grad_norm_loss_sum.to(acc).reshape({});
+  const at::Tensor gn = grad_norm_sum.to(acc).reshape({});
+  const at::Tensor protos = prototypes.to(acc).contiguous();
+  const at::Tensor ref = reference.to(acc).reshape({});
+  const Labels lab = prepare_labels(labels);
+  const int sms = sm_count(features);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "feature_terms_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    run_feature_backward<scalar_t, true>(bt.f, bt.work, bt.layout, lab, C, ignore_index, static_cast<int>(norm_mode),
+                                         gs.const_data_ptr<acc_t>(), gq.const_data_ptr<acc_t>(),
+                                         gl.const_data_ptr<acc_t>(), gn.const_data_ptr<acc_t>(),
+                                         protos.const_data_ptr<acc_t>(), ref.const_data_ptr<acc_t>(), sms);
+  });
+  finish_backward(bt);
+  return bt.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lsr_fast, CUDA, m) {
+  m.impl("feature_terms", &feature_terms_cuda);
+  m.impl("feature_terms_backward", &feature_terms_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace lsr_fast
