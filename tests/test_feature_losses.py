@@ -145,7 +145,7 @@ def test_fused_backend_matches_reference(device, backend, dtype, shape, layout, 
     loss_of_terms(ref_terms, 2.0, 0).backward()
 
     test_features = features.detach().to(device).requires_grad_()
-    terms = lsr_fast.feature_terms(test_features, labels.to(device), prototypes.to(device), torch.tensor(r, device=device), mode=mode, backend=backend)
+    terms = lsr_fast.feature_terms(test_features, labels.to(device), prototypes.to(device), torch.tensor(r, dtype=torch.float64, device=device), mode=mode, backend=backend)
     tol = TOLERANCES[dtype]
     assert torch.equal(terms[1].cpu(), ref_terms[1])
     for got, want in zip(terms, ref_terms):
