@@ -123,6 +123,9 @@ def test_invalid_inputs(device, backend):
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
         lsr_fast.class_feature_stats(features, labels, 0, **kw)
     bad_features = features.clone()
-    bad_features[0, 1, 1, 1] = float("inf")
-    with pytest.raises(ValueError, match="features contains non-finite"):
-        lsr_fast.class_feature_stats(bad_features, labels, 3, **kw)
+    for value in (float("inf"), float("-inf"), float("nan")):
+        bad_features[0, 1, 1, 1] = value
+        with pytest.raises(ValueError, match="features contains non-finite"):
+            lsr_fast.class_feature_stats(bad_features, labels, 3, **kw)
+        with pytest.raises(ValueError, match="features contains non-finite"):
+            lsr_fast.class_feature_stats(bad_features.half(), labels, 3, **kw)

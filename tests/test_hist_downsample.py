@@ -239,6 +239,12 @@ def test_invalid_inputs(device, backend):
     bad[0, 3, 3] = -1
     with pytest.raises(ValueError, match="value -1"):
         lsr_fast.hist_downsample(bad, (4, 4), 3, **kw)
+    bad[0, 0, 0] = V  # void beside a bad value: still found
+    bad[0, 3, 3] = 4
+    with pytest.raises(ValueError, match="value 4"):
+        lsr_fast.hist_downsample(bad, (4, 4), 3, **kw)
+    with pytest.raises(ValueError, match="value 4"):
+        lsr_fast.hist_downsample(bad.to(torch.uint8), (4, 4), 3, **kw)
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
         lsr_fast.hist_downsample(labels, (4, 4), 0, **kw)
     with pytest.raises(ValueError, match="size must not be larger"):
