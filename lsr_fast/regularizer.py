@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
@@ -131,8 +131,7 @@ class LSRRegularizer(nn.Module):
             f_bar = torch.linalg.vector_norm(source_features.detach().float(), dim=1).mean()
         norm_reference = f_bar + self.norm_delta
 
-        # A copy: the backends save it for backward, and the EMA below updates the buffer in place.
-        prototypes = self.prototypes.detach().clone()
+        prototypes = self.prototypes.detach()  # the backends copy what they save for backward
         common = dict(ignore_index=self.ignore_index, backend=self.backend)
         s_sums, s_counts, s_sq, s_norm_loss, s_norm_sum = ops.feature_terms(
             source_features, source_labels, prototypes, norm_reference, mode="source", **common)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import lsr_fast
 from lsr_fast import LSRRegularizer, reference
 from conftest import all_params
 

@@ -8,9 +8,11 @@ have the reference's signatures and are what lsr_fast.ops dispatches to.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Union
 
 import torch
+
+from ._derived import losses_from_feature_terms
 
 try:
     from lsr_fast import _C  # noqa: F401  (loading it registers torch.ops.lsr_fast.*)
@@ -185,32 +187,14 @@ def feature_terms(
     if not isinstance(reference, torch.Tensor):
         reference = torch.tensor(reference, dtype=acc)
     reference = reference.detach().to(device=features.device, dtype=acc)
-    prototypes = prototypes.detach().to(device=features.device, dtype=acc).contiguous()
+    # A copy: the op saves it for backward, and callers (LSRRegularizer) update their prototype
+    # bank in place before backward runs; (C, K) costs nothing next to the pass over features.
+    prototypes = prototypes.detach().to(device=features.device, dtype=acc, memory_format=torch.contiguous_format, copy=True)
     return torch.ops.lsr_fast.feature_terms(features, labels, prototypes, reference, NORM_MODES[mode], ignore_index)
 
 
-def clustering_loss(features, labels, prototypes, valid, ignore_index):
-    _, counts, sq_dist_sums, _, _ = feature_terms(features, labels, prototypes, 0.0, "source", ignore_index)
-    return clustering_from_sums(sq_dist_sums, counts, valid)
-
-
-def norm_alignment_loss(features, reference, mode):
-    rows = features.shape[0] if features.dim() == 2 else features.shape[0] * features.shape[2] * features.shape[3]
-    no_labels = torch.zeros(features.shape[:1] + features.shape[2:], dtype=torch.uint8, device=features.device)
-    # With zero classes every vector is void: only the norm terms are computed.
-    empty = features.new_zeros((0, features.shape[1]), dtype=_accumulate_dtype(features.dtype))
-    _, _, _, norm_loss_sum, _ = feature_terms(features, no_labels, empty, reference, mode, 0)
-    return norm_loss_sum / rows
+clustering_loss, norm_alignment_loss = losses_from_feature_terms(feature_terms)
 
 
 def maxsquare_loss(probs, alpha):
     return torch.ops.lsr_fast.maxsquare_loss(probs, alpha)[0]
-
-
-def clustering_from_sums(sq_dist_sums: torch.Tensor, counts: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """Eq. 5 from per-class squared-distance sums and counts (what every fused pass returns)."""
-    qualifies = counts > 0
-    if valid is not None:
-        qualifies = qualifies & valid
-    class_means = sq_dist_sums / counts.clamp(min=1).to(sq_dist_sums.dtype)
-    return (class_means * qualifies).sum() / qualifies.sum().clamp(min=1).to(sq_dist_sums.dtype)

@@ -14,9 +14,11 @@ is imported they run in Triton's interpreter on CPU tensors (tests).
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Union
 
 import torch
+
+from ..ops._derived import losses_from_feature_terms
 
 try:
     import triton  # noqa: F401
@@ -104,28 +106,8 @@ def feature_terms(
     return tuple(outputs[:5])
 
 
-def clustering_loss(features, labels, prototypes, valid, ignore_index):
-    _, counts, sq_dist_sums, _, _ = feature_terms(features, labels, prototypes, 0.0, "source", ignore_index)
-    return clustering_from_sums(sq_dist_sums, counts, valid)
-
-
-def norm_alignment_loss(features, reference, mode):
-    rows = features.shape[0] if features.dim() == 2 else features.shape[0] * features.shape[2] * features.shape[3]
-    no_labels = torch.zeros(features.shape[:1] + features.shape[2:], dtype=torch.uint8, device=features.device)
-    # With zero classes every vector is void: only the norm terms are computed.
-    empty = features.new_zeros((0, features.shape[1]), dtype=_accumulate_dtype(features.dtype))
-    _, _, _, norm_loss_sum, _ = feature_terms(features, no_labels, empty, reference, mode, 0)
-    return norm_loss_sum / rows
+clustering_loss, norm_alignment_loss = losses_from_feature_terms(feature_terms)
 
 
 def maxsquare_loss(probs, alpha):
     return torch.ops.lsr_fast_triton.maxsquare_loss(probs, alpha)[0]
-
-
-def clustering_from_sums(sq_dist_sums: torch.Tensor, counts: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """Eq. 5 from per-class squared-distance sums and counts (what every fused pass returns)."""
-    qualifies = counts > 0
-    if valid is not None:
-        qualifies = qualifies & valid
-    class_means = sq_dist_sums / counts.clamp(min=1).to(sq_dist_sums.dtype)
-    return (class_means * qualifies).sum() / qualifies.sum().clamp(min=1).to(sq_dist_sums.dtype)
