@@ -42,9 +42,8 @@ NAMESPACES = {"cpp": "lsr_fast", "triton": "lsr_fast_triton"}
 @pytest.mark.parametrize("device,backend", fast_params())
 def test_opcheck(device, backend):
     pytest.importorskip("expecttest")  # torch.library.opcheck needs it
-    if device != "cpu":
-        pytest.skip("the sample inputs are CPU tensors")
-    for op, args in sample_args(NAMESPACES[backend]):
+    for op, args in sample_args(NAMESPACES["cpp" if backend == "cuda" else backend]):
+        args = tuple(a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(op, args)
 
 
@@ -83,7 +82,21 @@ def test_torch_compile_fullgraph(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", fast_params())
-def test_run_to_run_bitwise_identical(device, backend):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_run_to_run_bitwise_identical(device, backend, deterministic):
+    """CPU and Triton kernels reduce in a fixed order always; the CUDA kernels when
+    torch.use_deterministic_algorithms(True) asks (they use float atomics otherwise)."""
+    if device == "cuda" and backend == "cuda" and not deterministic:
+        pytest.skip("the default CUDA path sums with float atomics")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_bitwise_identical(device, backend)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def check_bitwise_identical(device, backend):
     g = torch.Generator().manual_seed(2)
     features = torch.randn(2, 33, 7, 9, generator=g).to(device)
     labels = torch.randint(0, 5, (2, 7, 9), generator=g).to(device)
