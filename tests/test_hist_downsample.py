@@ -221,6 +221,27 @@ def test_pseudo_backend_matches_reference(device, backend, dtype, shape, size):
     assert torch.equal(out.cpu(), expected)
 
 
+@pytest.mark.parametrize("device,backend", fast_params())
+@pytest.mark.parametrize("ignore_index", [0, 1, 3, -1])
+def test_ignore_index_inside_the_classes(device, backend, ignore_index):
+    """An ignore_index in [0, C) marks void: those labels (or predictions) never vote."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 4, (2, 8, 8), generator=g).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    expected = reference.hist_downsample(labels, (4, 5), 4, ignore_index=ignore_index)
+    out = lsr_fast.hist_downsample(labels.to(device), (4, 5), 4, ignore_index=ignore_index, backend=backend)
+    assert torch.equal(out.cpu(), expected)
+    probs = torch.softmax(torch.randn(2, 4, 4, 4, generator=g) * 3, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    expected = reference.pseudo_label_downsample(probs, (3, 3), confidence=0.0, ignore_index=ignore_index)
+    out = lsr_fast.pseudo_label_downsample(probs.to(device), (3, 3), confidence=0.0, ignore_index=ignore_index, backend=backend)
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_pseudo_labels_ignore_index_in_range_hand_worked():
+    # 2x2 -> 1x1, predictions 1, 1, 1, 0 with ignore_index=1: only class 0 votes -> 0.
+    probs = torch.tensor([[0.2, 0.8], [0.3, 0.7], [0.1, 0.9], [0.9, 0.1]]).t().reshape(1, 2, 2, 2)
+    assert reference.pseudo_label_downsample(probs, (1, 1), confidence=0.0, ignore_index=1).item() == 0
+
+
 # ---- invalid inputs ---------------------------------------------------------------------------
 
 

@@ -67,7 +67,9 @@ void pseudo_label_kernel(const scalar_t* probs, int64_t B, int64_t C, int64_t H,
           const int32_t* p = &pred[y * W];
           const float* m = &conf[y * W];
           for (int64_t x = x0[j]; x < x1[j]; ++x) {
-            ++hist[p[x]];
+            // A prediction equal to ignore_index (possible when it lies in [0, C)) does not vote,
+            // as in hist_downsample of the argmax.
+            if (p[x] != ignore_index) ++hist[p[x]];
             sum += m[x];  // row-major, as adaptive_avg_pool2d
           }
         }

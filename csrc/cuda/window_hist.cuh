@@ -126,7 +126,9 @@ __global__ void __launch_bounds__(kThreads)
                 arg = c;
               }
             }
-            cls = arg;
+            // The reference runs hist_downsample on the predictions, where a value equal to
+            // ignore_index does not vote: with ignore_index in [0, C) that class never counts.
+            cls = arg == ignore_index ? -1 : arg;
             conf[e] = static_cast<float>(best);
           } else {
             cls = class_of(load_label(src, label_kind, b * sB + y * sH + x * sW), ignore_index, C);

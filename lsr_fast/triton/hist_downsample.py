@@ -148,7 +148,9 @@ def _pseudo_label_kernel(
                 p = p.to(tl.float32)  # exact for float16 / bfloat16: the same argmax
             best = tl.max(p, axis=1)
             prediction = tl.argmax(p, axis=1, tie_break_left=True)
-            counts += ((prediction[:, None] == cls[None, :]) & inside[:, None]).to(tl.int32)
+            # A prediction equal to ignore_index (when it lies in [0, C)) does not vote.
+            votes = inside & (prediction != ignore_index)
+            counts += ((prediction[:, None] == cls[None, :]) & votes[:, None]).to(tl.int32)
             # Row-major float32 sum, as adaptive_avg_pool2d; + 0.0 leaves a sum unchanged.
             confidence_sum += tl.where(inside, best.to(tl.float32), 0.0)
     out = _peak_ratio_decision(counts, cls, probs_ptr, C, threshold, ignore_index, False)
