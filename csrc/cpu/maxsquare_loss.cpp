@@ -18,52 +18,6 @@ namespace lsr_fast {
 namespace cpu {
 namespace {
 
-// row_argmax plus sq[x] = sum_c p^2 (class order, as p.pow(2).sum(dim=1)), reading the row once.
-template <typename scalar_t, typename acc>
-void row_argmax_sumsq(const scalar_t* row, int64_t C, int64_t W, int64_t sC, int64_t sX, acc* best, int32_t* arg,
-                      acc* sq, acc* buf) {
-  if (sX == 1) {
-    const acc* first = load_row<acc>(row, W, buf);
-    for (int64_t x = 0; x < W; ++x) {
-      const acc v = first[x];
-      best[x] = v;
-      arg[x] = 0;
-      sq[x] = v * v;
-    }
-    for (int64_t c = 1; c < C; ++c) {
-      const acc* p = load_row<acc>(row + c * sC, W, buf);
-      const int32_t ci = static_cast<int32_t>(c);
-      for (int64_t x = 0; x < W; ++x) {
-        const acc v = p[x];
-        // Mask arithmetic, not ?: on the index, so the compiler vectorises (no branch).
-        const acc m = best[x];
-        const int32_t gt = -static_cast<int32_t>(v > m);
-        best[x] = v > m ? v : m;
-        arg[x] = (ci & gt) | (arg[x] & ~gt);
-        sq[x] += v * v;
-      }
-    }
-  } else {
-    for (int64_t x = 0; x < W; ++x) {
-      const scalar_t* p = row + x * sX;
-      acc m = static_cast<acc>(p[0]);
-      acc s = m * m;
-      int32_t a = 0;
-      for (int64_t c = 1; c < C; ++c) {
-        const acc v = static_cast<acc>(p[c * sC]);
-        if (v > m) {
-          m = v;
-          a = static_cast<int32_t>(c);
-        }
-        s += v * v;
-      }
-      best[x] = m;
-      arg[x] = a;
-      sq[x] = s;
-    }
-  }
-}
-
 template <typename scalar_t>
 void maxsquare_forward_kernel(const at::Tensor& probs, double alpha, at::Tensor& loss, at::Tensor& class_weight) {
   using acc = acc_t<scalar_t>;
