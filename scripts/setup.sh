@@ -14,7 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${PIP[@]}" install "$TORCH_SPEC"
 fi
 # Triton: the kernels of backend="triton"; without a GPU the tests run them in its interpreter.
-"${PIP[@]}" install "numpy>=1.24" "triton>=3.0" "pytest>=7" "hypothesis>=6" expecttest "pytest-benchmark>=4" "pyyaml>=6" "setuptools>=64" wheel
+"${PIP[@]}" install "numpy>=1.24" "triton>=3.0" "pytest>=7" "hypothesis>=6" expecttest "pytest-benchmark>=4" "setuptools>=64" wheel
+# The trainer, datasets, plots and logs (no CPU torchvision exists, so the model is our own code).
+"${PIP[@]}" install "pyyaml>=6" "pillow>=10" "opencv-python-headless>=4.8" "tqdm>=4" "tensorboard>=2.14" "matplotlib>=3.7" "scikit-learn>=1.3"
 # --no-build-isolation: compile the extension against the torch installed above.
 "${PIP[@]}" install --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import lsr_fast; print('lsr_fast backends:', lsr_fast.available_backends())"
