@@ -1,13 +1,13 @@
-"""The `lsr-fast` command.
+"""The `lsr-fast` command: train, eval, experiment, prepare-data, bench, analyze, demo, backends.
 
-Subcommands so far: ``backends`` (what is usable here) and ``demo`` (every op and the
-regulariser on a built-in street-like example, each backend checked against the reference and
-timed). ``train``, ``eval``, ``prepare-data``, ``bench`` and ``analyze`` come with their issues.
+``lsr-fast <command> --help`` documents every option; ``lsr-fast train --help`` lists every
+config key with its default.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import List, Optional
@@ -113,9 +113,123 @@ def backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_args(args: argparse.Namespace):
+    from .train.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = _config_from_args(args)
+    summary = train(config, resume=args.resume)
+    best = summary["best"]
+    print(f"{summary['status']} at step {summary['step']}; best val mIoU "
+          f"{best['miou']:.2f} at step {best['step']}" if best else f"{summary['status']} at step {summary['step']}")
+    print(f"checkpoints, metrics.jsonl and TensorBoard logs in {summary['out_dir']}")
+    return 0
+
+
+def experiment_command(args: argparse.Namespace) -> int:
+    from .train.experiment import run_experiment
+
+    config = _config_from_args(args)
+    run_experiment(config, runs=args.runs, resume=args.resume, analyze=not args.no_analysis)
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from .eval.evaluate import evaluate, load_iou_table, markdown_table, per_class_iou, report, write_report
+    from .train.build import build_eval_dataset
+    from .train.checkpoint import load_for_inference
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    bundle = load_for_inference(args.checkpoint, device)
+    dataset = build_eval_dataset(bundle.config, dataset=args.dataset, root=args.root, split=args.split)
+
+    def confusion_of(model):
+        return evaluate(model, dataset, bundle.num_classes, device=device, flip=args.flip,
+                        max_images=args.max_images, progress=True)
+
+    supervised, source = None, "paper target-only table (DESIGN.md)"
+    if args.supervised_checkpoint:
+        reference = load_for_inference(args.supervised_checkpoint, device)
+        supervised, source = per_class_iou(confusion_of(reference.model)), f"checkpoint {args.supervised_checkpoint}"
+    elif args.supervised_table:
+        supervised, source = load_iou_table(args.supervised_table, bundle.num_classes), f"table {args.supervised_table}"
+    result = report(confusion_of(bundle.model), supervised_iou=supervised, supervised_source=source)
+    result.update(name=os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or "result",
+                  checkpoint=args.checkpoint, step=bundle.step, dataset=len(dataset), flip=args.flip)
+    print(markdown_table({result["name"]: result}))
+    print(f"mASR against the {source}")
+    out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval"
+    write_report(result, out, title=f"Evaluation of {args.checkpoint}")
+    print(f"results written to {out}.json and {out}.md")
+    return 0
+
+
+def _forward(module: str, name: str):
+    """Subcommands implemented in their own modules expose configure_parser(p) and run(args)."""
+    import importlib
+
+    target = importlib.import_module(module)
+    return target.configure_parser, target.run
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from .train.config import describe
+
     parser = argparse.ArgumentParser(prog="lsr-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, helptext, func in (
+        ("train", "train DeepLabV2 (source_only, target_only or lsr) from a YAML config", train_command),
+        ("experiment", "the main job: target-supervised, source-only and LSR runs, then one comparison table", experiment_command),
+    ):
+        p = sub.add_parser(name, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="config keys (set in the YAML file or as key=value):\n" + describe())
+        p.add_argument("--config", "-c", help="YAML config (configs/ has gta5_to_cityscapes, synthia_to_cityscapes, synthetic)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100 data.workers=2")
+        if name == "train":
+            p.add_argument("--resume", action="store_const", const="auto", default=None,
+                           help="continue the run exactly from out_dir/last.pt")
+            p.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
+                           help="continue the run exactly from this checkpoint")
+        else:
+            p.add_argument("--resume", action="store_true", help="resume runs whose last.pt exists")
+            p.add_argument("--runs", nargs="+", choices=("target_only", "source_only", "lsr"), help="train only these runs")
+            p.add_argument("--no-analysis", action="store_true", help="skip the latent-space figures")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint at full label resolution: per-class IoU, mIoU, mASR")
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (last.pt / best.pt)")
+    p.add_argument("--dataset", choices=("synthetic", "cityscapes", "gta5", "synthia"), help="default: the run's validation dataset")
+    p.add_argument("--root", help="dataset root folder (real datasets)")
+    p.add_argument("--split", choices=("train", "val", "test"), help="Cityscapes split (default: the config's)")
+    p.add_argument("--flip", action="store_true", help="also average horizontally flipped predictions")
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--supervised-checkpoint", help="mASR against this target-supervised checkpoint (evaluated on the same images)")
+    group.add_argument("--supervised-table", help="mASR against a JSON list of per-class IoUs in percent (or an eval result JSON)")
+    p.add_argument("--out", help="output prefix for .json and .md (default: next to the checkpoint)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=eval_command)
+
+    for name, module, helptext in (
+        ("prepare-data", "lsr_fast.data.prepare", "validate a dataset folder and optionally write 8-bit trainId labels"),
+        ("bench", "lsr_fast.bench", "benchmark every op and backend against the reference; writes JSON, Markdown and a chart"),
+        ("analyze", "lsr_fast.analysis.cli", "the paper's latent-space figures from one or two checkpoints"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        try:
+            configure, run = _forward(module, name)
+        except ImportError as error:  # a missing optional dependency: say so when the command is used
+            p.set_defaults(func=lambda args, error=error: print(f"lsr-fast {args.command} is unavailable: {error}", file=sys.stderr) or 2)
+            continue
+        configure(p)
+        p.set_defaults(func=run)
+
     p = sub.add_parser("demo", help="run every op and the regulariser on a built-in example, per backend")
     p.add_argument("--height", type=int, default=720, help="label height (default 720, the paper's GTA5 size)")
     p.add_argument("--width", type=int, default=1280, help="label width (default 1280)")
@@ -128,7 +242,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("height", "width", "feature_dim"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args.func(args)
+    from .train.checkpoint import CheckpointError
+    from .train.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        print(f"lsr-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""Evaluation at full label resolution: predictions are upsampled to each label map's size.
+
+``evaluate`` returns the (C, C) confusion matrix over a dataset (sharded over the ranks of a
+distributed job and summed), ``report`` turns it into per-class IoU, mIoU (19, or 16 and 13 for
+SYNTHIA) and mASR against the paper's target-only table or a user's own, and ``write_report``
+saves it as JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import CLASS_NAMES_19, SUBSET_13, SUBSET_16, confusion_matrix, masr, mean_iou, per_class_iou
+
+
+def class_names(num_classes: int):
+    if num_classes == 19:
+        return list(CLASS_NAMES_19)
+    if num_classes == 16:
+        return [CLASS_NAMES_19[i] for i in SUBSET_16]
+    return [str(i) for i in range(num_classes)]
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, size, *, flip: bool = False, amp: str = "none") -> torch.Tensor:
+    """Class probabilities (B, C, *size) from the network's logits, bilinearly upsampled; with
+    ``flip`` the mean with the mirrored image's prediction."""
+    with autocast(images.device, amp):
+        logits = model(images)[0]
+    probs = torch.softmax(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False), 1)
+    if flip:
+        with autocast(images.device, amp):
+            flipped = model(images.flip(-1))[0]
+        probs = 0.5 * (probs + torch.softmax(F.interpolate(flipped.float(), size=size, mode="bilinear", align_corners=False), 1).flip(-1))
+    return probs
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, num_classes: int, *, device: torch.device, flip: bool = False,
+             amp: str = "none", channels_last: bool = False, rank: int = 0, world_size: int = 1,
+             max_images: Optional[int] = None, progress: bool = False) -> torch.Tensor:
+    """Confusion matrix (C, C) int64 on the CPU over ``dataset`` (items: normalised image at the
+    network's input size, label at full resolution). Rank r takes images r, r + R, ...; the
+    caller sums the ranks' matrices."""
+    was_training = model.training
+    model.eval()
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    indices = range(rank, count, world_size)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="eval", leave=False, dynamic_ncols=True)
+    for index in indices:
+        item = dataset[index]
+        image = item["image"].unsqueeze(0).to(device)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        label = item["label"].to(device)
+        probs = predict(model, image, tuple(label.shape[-2:]), flip=flip, amp=amp)
+        confusion += confusion_matrix(probs.argmax(1)[0], label, num_classes)
+    model.train(was_training)
+    return confusion.cpu()
+
+
+def report(confusion: torch.Tensor, *, supervised_iou: Optional[Sequence[float]] = None,
+           supervised_source: str = "paper") -> Dict[str, Any]:
+    """Per-class IoU (percent), mIoU, and mASR against ``supervised_iou`` (fractions; default the
+    paper's target-only table). For 16 classes also the 13-class mIoU/mASR. Classes absent from
+    both prediction and ground truth have IoU null and are left out of the means."""
+    num_classes = confusion.shape[0]
+    iou = per_class_iou(confusion)
+    names = class_names(num_classes)
+    result: Dict[str, Any] = {
+        "num_classes": num_classes,
+        "per_class_iou": {n: (None if math.isnan(v) else 100.0 * v) for n, v in zip(names, iou.tolist())},
+        "miou": mean_iou(iou),
+        "pixels": int(confusion.sum()),
+        "masr_reference": supervised_source,
+    }
+    supervised = None
+    if supervised_iou is not None:
+        supervised = torch.as_tensor(supervised_iou, dtype=torch.float64)
+    elif num_classes in (19, 16):
+        from .metrics import paper_target_only_iou
+
+        supervised = paper_target_only_iou(num_classes)
+    if supervised is not None:
+        if supervised.numel() != num_classes:
+            raise ValueError(f"the supervised IoU table has {supervised.numel()} classes, the evaluation {num_classes}")
+        # Classes the reference never got right (IoU 0 or absent) have no defined ratio: skip them.
+        usable = ~torch.isnan(supervised) & (supervised > 0)
+        adapted = torch.where(usable, iou, torch.full_like(iou, float("nan")))
+        result["masr"] = masr(adapted[usable], supervised[usable]) if bool(usable.any()) else float("nan")
+        result["masr_classes"] = [n for n, u in zip(names, usable.tolist()) if u]
+    if num_classes == 16:
+        subset = [SUBSET_16.index(c) for c in SUBSET_13]
+        result["miou13"] = mean_iou(iou[subset])
+        if supervised is not None:
+            sub_usable = ~torch.isnan(supervised[subset]) & (supervised[subset] > 0)
+            result["masr13"] = masr(iou[subset][sub_usable], supervised[subset][sub_usable])
+    return result
+
+
+def markdown_table(results: Dict[str, Dict[str, Any]]) -> str:
+    """One column per run: mIoU, mASR, then per-class IoU (classes with any defined value)."""
+    runs = list(results)
+    names = [n for n in next(iter(results.values()))["per_class_iou"]
+             if any(results[r]["per_class_iou"].get(n) is not None for r in runs)]
+
+    def fmt(value):
+        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+    lines = ["| | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
+    lines.append("| **mIoU** | " + " | ".join(fmt(results[r]["miou"]) for r in runs) + " |")
+    if all("masr" in results[r] for r in runs):
+        lines.append("| **mASR** | " + " | ".join(fmt(results[r]["masr"]) for r in runs) + " |")
+    if all("miou13" in results[r] for r in runs):
+        lines.append("| mIoU (13) | " + " | ".join(fmt(results[r]["miou13"]) for r in runs) + " |")
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(fmt(results[r]["per_class_iou"].get(name)) for r in runs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: Dict[str, Any], out_prefix: str, title: str = "Evaluation") -> None:
+    """``out_prefix``.json and ``out_prefix``.md, written atomically."""
+    from ..train.checkpoint import atomic_write_text
+
+    atomic_write_text(json.dumps(result, indent=2) + "\n", out_prefix + ".json")
+    body = f"# {title}\n\n" + markdown_table({result.get("name", "result"): result})
+    atomic_write_text(body, out_prefix + ".md")
+
+
+def load_iou_table(path: str, num_classes: int) -> torch.Tensor:
+    """A user's target-supervised IoUs: a JSON list of C percentages, or an eval result JSON."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"IoU table {path} does not exist")
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read IoU table {path}: {error}") from None
+    if isinstance(data, dict) and "per_class_iou" in data:
+        data = list(data["per_class_iou"].values())
+    if not isinstance(data, list) or len(data) != num_classes:
+        raise ValueError(f"IoU table {path} must be a list of {num_classes} percentages (or an eval result JSON)")
+    values = [float("nan") if v is None else float(v) for v in data]
+    if any(not (0 <= v <= 100) for v in values if not math.isnan(v)):
+        raise ValueError(f"IoU table {path} must hold percentages in [0, 100]")
+    return torch.tensor(values, dtype=torch.float64) / 100.0

@@ -1,0 +1,114 @@
+"""The main job: target-supervised, source-only and LSR runs in turn, then one comparison table.
+
+1. target_only — trained on labelled target images: the supervised reference of mASR (Eq. 9).
+2. source_only — trained on labelled source images.
+3. lsr — initialised from the source-only run's best weights and adapted with LSR (L+).
+Each run keeps its checkpoints, metrics.jsonl and TensorBoard logs in its own folder; ``best.pt``
+is chosen by validation mIoU (data.val). The final table evaluates each run's best checkpoint on
+held-out target images (for the synthetic scenes a separate seed, used neither for training nor
+for selection), with mASR against run 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..eval.evaluate import evaluate, markdown_table, per_class_iou, report
+from .build import build_eval_dataset
+from .checkpoint import atomic_write_text, load_for_inference
+from .trainer import train
+
+RUNS = ("target_only", "source_only", "lsr")
+
+
+def _run_config(base: Dict[str, Any], mode: str, out_dir: str) -> Dict[str, Any]:
+    config = copy.deepcopy(base)
+    config["mode"], config["name"] = mode, mode
+    config["out_dir"] = os.path.join(out_dir, mode)
+    if mode == "lsr":
+        config["init"] = os.path.join(out_dir, "source_only", "best.pt")
+        config["train"]["steps"] = base["experiment"]["adapt_steps"]
+    return config
+
+
+def _test_config(base: Dict[str, Any]) -> Dict[str, Any]:
+    config = copy.deepcopy(base)
+    val = config["data"]["val"]
+    if val["name"] == "synthetic":
+        val["seed"], val["num_images"], val["max_images"] = base["experiment"]["test_seed"], base["experiment"]["test_images"], None
+    return config
+
+
+def run_experiment(base: Dict[str, Any], *, runs: Optional[List[str]] = None, resume: bool = False,
+                   analyze: bool = True) -> Dict[str, Any]:
+    out_dir = base["out_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    runs = list(runs or RUNS)
+    timings: Dict[str, float] = {}
+    for mode in runs:
+        config = _run_config(base, mode, out_dir)
+        last = os.path.join(config["out_dir"], "last.pt")
+        print(f"\n== {mode}: {config['train']['steps']} steps -> {config['out_dir']}", flush=True)
+        start = time.perf_counter()
+        train(config, resume="auto" if resume and os.path.isfile(last) else None)
+        timings[mode] = time.perf_counter() - start
+
+    test_config = _test_config(base)
+    device = torch.device("cuda" if base["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    test_set = build_eval_dataset(test_config)
+    confusions, results = {}, {}
+    for mode in RUNS:
+        path = os.path.join(out_dir, mode, "best.pt")
+        if not os.path.isfile(path):
+            continue
+        bundle = load_for_inference(path, device)
+        confusions[mode] = evaluate(bundle.model, test_set, bundle.num_classes, device=device)
+    supervised = per_class_iou(confusions["target_only"]) if "target_only" in confusions else None
+    for mode, confusion in confusions.items():
+        results[mode] = report(confusion, supervised_iou=supervised,
+                               supervised_source="target_only run" if supervised is not None else "paper")
+        results[mode]["name"] = mode
+
+    test = test_config["data"]["val"]
+    where = (f"{len(test_set)} held-out synthetic target images (seed {test['seed']})" if test["name"] == "synthetic"
+             else f"{test['name']} {test['split']} ({len(test_set)} images)")
+    table = markdown_table(results)
+    lines = [f"# LSR main job: {base['name']}", "",
+             f"Evaluated on {where}, best checkpoint of each run (selected on data.val); mASR relative to the target_only run "
+             "(classes present in the test images).", "", table]
+    lines.append("Runs: " + ", ".join(f"{m} {timings[m]:.0f} s" for m in timings) if timings else "")
+    summary_md = "\n".join(lines) + "\n"
+    atomic_write_text(summary_md, os.path.join(out_dir, "summary.md"))
+    atomic_write_text(json.dumps({"results": results, "seconds": timings, "evaluated_on": where}, indent=2) + "\n",
+                      os.path.join(out_dir, "summary.json"))
+    print("\n" + summary_md)
+
+    figures = None
+    if analyze and {"source_only", "lsr"} <= set(confusions):
+        figures = _analyze(out_dir, device)
+    print("Where things went:")
+    for mode in confusions:
+        print(f"  {mode:12s} {os.path.join(out_dir, mode)}  (last.pt, best.pt, metrics.jsonl, tb/)")
+    print(f"  table        {os.path.join(out_dir, 'summary.md')} (and .json)")
+    if figures:
+        print(f"  plots        {figures}")
+    print(f"  TensorBoard: tensorboard --logdir {out_dir}")
+    return {"results": results, "seconds": timings, "summary": os.path.join(out_dir, "summary.md"), "figures": figures}
+
+
+def _analyze(out_dir: str, device: torch.device) -> Optional[str]:
+    """The paper's latent-space figures for source-only vs LSR (lsr_fast.analysis)."""
+    try:
+        from ..analysis import analyze_checkpoints
+    except ImportError:
+        return None
+    figures = os.path.join(out_dir, "analysis")
+    analyze_checkpoints(os.path.join(out_dir, "source_only", "best.pt"), os.path.join(out_dir, "lsr", "best.pt"),
+                        out=figures, device=str(device))
+    return figures

@@ -1,0 +1,288 @@
+"""The trainer, its config, checkpoints and evaluation, on tiny synthetic scenes (CPU)."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from lsr_fast.cli import main as cli
+from lsr_fast.eval.evaluate import markdown_table, report
+from lsr_fast.train import ConfigError, build_config, load_checkpoint, train
+from lsr_fast.train.checkpoint import CheckpointError, save_checkpoint
+from lsr_fast.train.sampling import StepBatchSampler
+
+TINY = [
+    "model.backbone=resnet18", "model.width=4", "model.batchnorm=train", "threads=1",
+    "data.source.size=[32, 64]", "data.target.size=[32, 64]", "data.val.size=[32, 64]",
+    "data.source.num_images=6", "data.target.num_images=6", "data.val.num_images=2",
+    "data.source.name=synthetic", "data.target.name=synthetic", "data.val.name=synthetic",
+    "data.source.resize=null", "data.target.resize=null", "data.val.resize=null",
+    "data.target.domain=target", "data.val.domain=target", "data.blur_prob=0.5",
+    "optim.lr=0.01", "train.steps=4", "train.batch_source=2", "train.batch_target=2", "train.log_every=1",
+    "train.val_every=0", "train.checkpoint_every=0", "train.progress=false", "train.tensorboard=false",
+    "lsr.preset=gta5", "lsr.prototype_init=first", "device=cpu", "deterministic=true",
+]
+
+
+def tiny_config(tmp_path, *extra, name="run"):
+    return build_config(None, [*TINY, f"out_dir={tmp_path / name}", *extra])
+
+
+def read_metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+# ----------------------------------------------------------------------------- config
+
+SYNTHETIC = {"data": {role: {"name": "synthetic"} for role in ("source", "target", "val")}}
+
+
+def test_config_rejects_unknown_key_and_wrong_types():
+    for override, message in (
+        ("train.stepz=3", r"unknown config key 'train\.stepz'"),
+        ("train.steps=abc", r"train\.steps must be an integer"),
+        ("model.backbone=vgg16", r"model\.backbone must be one of"),
+        ("data.crop=[1, 2, 3]", r"data\.crop must be \[height, width\]"),
+        ("lsr.alpha=1.5", r"lsr\.alpha must be in \[0, 1\]"),
+        ("train.steps", "key=value"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            build_config(SYNTHETIC, [override])
+    build_config(SYNTHETIC, ["train.steps=3"])  # and a good one passes
+
+
+def test_config_preset_then_explicit_keys():
+    config = build_config({**SYNTHETIC, "lsr": {"preset": "synthia", "lambda_norm": 0.5}})
+    assert config["data"]["num_classes"] == 16
+    assert config["lsr"]["lambda_cluster"] == 0.05 and config["lsr"]["alpha"] == 0.0
+    assert config["lsr"]["lambda_norm"] == 0.5  # explicit key wins over the preset
+
+
+def test_config_file_errors_name_the_path(tmp_path):
+    from lsr_fast.train.config import load_config
+
+    with pytest.raises(ConfigError, match="does-not-exist.yaml"):
+        load_config(str(tmp_path / "does-not-exist.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  source: {name: gta5, rooot: x}\n")
+    with pytest.raises(ConfigError, match=r"data\.source\.rooot.*bad\.yaml"):
+        load_config(str(bad))
+
+
+def test_missing_dataset_root_and_weights_stop_before_training(tmp_path):
+    from lsr_fast.train.trainer import Trainer
+
+    config = build_config(None, ["data.source.root=" + str(tmp_path / "no-gta5"), "data.target.root=" + str(tmp_path),
+                                 "data.val.root=" + str(tmp_path)])
+    with pytest.raises(ConfigError, match=r"data\.source\.root.*no-gta5"):
+        Trainer(config)
+    config = tiny_config(tmp_path, "model.pretrained=" + str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match=r"model\.pretrained.*missing\.pth"):
+        Trainer(config)
+    with pytest.raises(ConfigError, match="data.source.root must be set"):
+        build_config(None, ["data.source.name=gta5", "data.source.root=null"])
+
+
+def test_shipped_configs_load():
+    from lsr_fast.train.config import load_config
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    gta5 = load_config(os.path.join(root, "gta5_to_cityscapes.yaml"))
+    synthia = load_config(os.path.join(root, "synthia_to_cityscapes.yaml"))
+    synthetic = load_config(os.path.join(root, "synthetic.yaml"))
+    # The published weights (DESIGN.md).
+    assert (gta5["lsr"]["lambda_entropy"], gta5["lsr"]["alpha"], gta5["lsr"]["lambda_norm"], gta5["lsr"]["lambda_perp"], gta5["lsr"]["lambda_cluster"]) == (0.1, 0.2, 0.025, 0.2, 0.1)
+    assert (synthia["lsr"]["alpha"], synthia["lsr"]["lambda_norm"], synthia["lsr"]["lambda_cluster"], synthia["data"]["num_classes"]) == (0.0, 0.1, 0.05, 16)
+    assert synthetic["data"]["source"]["name"] == "synthetic"
+
+
+def test_help_documents_every_key(capsys):
+    from lsr_fast.train.config import defaults
+
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    text = capsys.readouterr().out
+
+    def keys(node, prefix=""):
+        for k, v in node.items():
+            yield from keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    for key in keys(defaults()):
+        assert f"  {key} = " in text, key
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_step_sampler_covers_each_epoch_once_and_splits_ranks():
+    per_rank = [StepBatchSampler(10, 2, seed=3, domain="source", rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for step in range(5):  # 5 steps x 2 ranks x 2 images = 20 = two epochs of 10
+        for sampler in per_rank:
+            seen += [index for index, _ in sampler.keys_for_step(step)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    # A sampler started at step 3 yields what the first one yields at step 3.
+    resumed = iter(StepBatchSampler(10, 2, seed=3, domain="source", start_step=3))
+    assert next(resumed) == StepBatchSampler(10, 2, seed=3, domain="source").keys_for_step(3)
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_exact_resume(tmp_path):
+    """4 steps in one go == 2 steps, then --resume for 2 more (deterministic CPU mode)."""
+    from lsr_fast.train.trainer import Trainer
+
+    straight = tiny_config(tmp_path, name="straight")
+    train(straight)
+
+    class StopAfter(Trainer):  # as if SIGTERM arrived during step 2
+        def _train_step(self):
+            out = super()._train_step()
+            if self.step == 1:
+                self._stop_signal = 15
+            return out
+
+    first_full = tiny_config(tmp_path, name="interrupted")
+    StopAfter(first_full).run()
+    interrupted = load_checkpoint(os.path.join(first_full["out_dir"], "last.pt"))
+    assert interrupted["step"] == 2
+    summary = train(first_full, resume="auto")
+    assert summary["status"] == "finished" and summary["step"] == 4
+
+    a = load_checkpoint(os.path.join(straight["out_dir"], "last.pt"))
+    b = load_checkpoint(os.path.join(first_full["out_dir"], "last.pt"))
+    assert a["step"] == b["step"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in ("prototypes", "seen", "mean_source_norm", "steps"):
+        assert torch.equal(a["regularizer"][key], b["regularizer"][key]), key
+    assert a["regularizer"]["seen"].any()
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b))
+    # The logged losses of steps 3-4 agree too.
+    straight_log = [r for r in read_metrics(straight["out_dir"]) if "train.loss" in r]
+    resumed_log = [r for r in read_metrics(first_full["out_dir"]) if "train.loss" in r]
+    assert [r["train.loss"] for r in straight_log] == [r["train.loss"] for r in resumed_log]
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    config = tiny_config(tmp_path, "train.steps=1")
+    train(config)
+    changed = tiny_config(tmp_path, "train.steps=2", "lsr.lambda_norm=0.5")
+    with pytest.raises(ConfigError, match=r"lsr\.lambda_norm"):
+        train(changed, resume="auto")
+
+
+def test_fast_and_reference_paths_give_the_same_losses(tmp_path):
+    import lsr_fast
+
+    if lsr_fast.available_backends()["cpp"] != "available":
+        pytest.skip("the cpp backend is not built")
+    runs = {}
+    for backend in ("reference", "cpp"):
+        config = tiny_config(tmp_path, f"backend={backend}", "train.steps=3", name=backend)
+        train(config)
+        runs[backend] = read_metrics(config["out_dir"])
+    for ref, fast in zip(runs["reference"], runs["cpp"]):
+        assert ref["step"] == fast["step"]
+        for key, value in ref.items():
+            if key.startswith("train."):
+                assert fast[key] == pytest.approx(value, rel=1e-3, abs=1e-4), (ref["step"], key)
+
+
+def test_cli_train_eval_and_resume(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert cli(["train", *TINY, "train.steps=2", f"out_dir={out}"]) == 0
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file() and (out / "config.yaml").is_file()
+    records = read_metrics(out)
+    assert [r["step"] for r in records if "train.loss" in r] == [1, 2]
+    assert any("val.miou" in r for r in records)
+    assert cli(["train", *TINY, "train.steps=3", f"out_dir={out}", "--resume"]) == 0
+    assert load_checkpoint(str(out / "last.pt"))["step"] == 3
+    assert cli(["eval", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev.json").read_text())
+    assert result["step"] == 3 and 0 <= result["miou"] <= 100 and "masr" in result
+    assert "| **mIoU** |" in (tmp_path / "ev.md").read_text()
+    # Errors name what is wrong and exit 2, no traceback.
+    assert cli(["train", *TINY, "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+    assert cli(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+
+
+def test_target_only_and_source_only_modes(tmp_path):
+    for mode in ("target_only", "source_only"):
+        config = tiny_config(tmp_path, f"mode={mode}", "train.steps=1", name=mode)
+        train(config)
+        ckpt = load_checkpoint(os.path.join(config["out_dir"], "last.pt"))
+        assert ckpt["regularizer"] is None and ckpt["selection"]["metric"] == "mIoU"
+        assert all("train.clustering_source" not in r or r["train.clustering_source"] == 0 for r in read_metrics(config["out_dir"]))
+
+
+def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
+    from lsr_fast.train import trainer as trainer_module
+
+    config = tiny_config(tmp_path, "train.max_nonfinite=2", "train.steps=6", "mode=source_only")
+    real_ce = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def flaky_ce(*args, **kwargs):
+        calls["n"] += 1
+        value = real_ce(*args, **kwargs)
+        return value * float("nan") if calls["n"] in (2, 4, 5) else value  # steps 2, 4, 5 are non-finite
+
+    monkeypatch.setattr(trainer_module.F, "cross_entropy", flaky_ce)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        with pytest.raises(trainer_module.NonFiniteLossError, match="2 non-finite losses in a row"):
+            train(config)
+    # Weights stayed finite, and the checkpoint-writer refuses NaN weights.
+    bad = {"w": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(RuntimeError, match="non-finite"):
+        save_checkpoint(str(tmp_path / "x.pt"), {"model": bad})
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_truncated_checkpoint_is_an_error_naming_the_file(tmp_path):
+    config = tiny_config(tmp_path, "train.steps=1", "mode=source_only")
+    train(config)
+    path = os.path.join(config["out_dir"], "last.pt")
+    data = open(path, "rb").read()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        load_checkpoint(str(broken))
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_checkpoint(str(tmp_path / "nothing.pt"))
+    # Checkpoint writes leave no temporary files behind.
+    assert not [f for f in os.listdir(config["out_dir"]) if f.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_report_against_hand_computed_ious():
+    # 3 classes; rows = ground truth, columns = prediction.
+    confusion = torch.tensor([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
+    # IoU_0 = 5 / (5 + 2 + 1) = 0.625; IoU_1 = 3 / (3 + 1 + 2) = 0.5; class 2 absent -> NaN.
+    result = report(confusion, supervised_iou=[0.5, 1.0, 0.8])
+    assert result["per_class_iou"]["0"] == pytest.approx(62.5)
+    assert result["per_class_iou"]["1"] == pytest.approx(50.0)
+    assert result["per_class_iou"]["2"] is None
+    assert result["miou"] == pytest.approx(56.25)
+    # mASR = mean(0.625 / 0.5, 0.5 / 1.0) over the classes with an IoU.
+    assert result["masr"] == pytest.approx(100 * (1.25 + 0.5) / 2)
+    table = markdown_table({"a": result})
+    assert "| **mIoU** | 56.2 |" in table and "| 2 |" not in table
+
+
+def test_report_16_classes_gives_13_class_numbers():
+    confusion = torch.diag(torch.arange(1, 17))
+    confusion[0, 1] = 1  # road pixel predicted as sidewalk
+    result = report(confusion)
+    iou_road, iou_sidewalk = 1 / 2, 2 / 3
+    assert result["per_class_iou"]["road"] == pytest.approx(100 * iou_road)
+    expected16 = (iou_road + iou_sidewalk + 14) / 16 * 100
+    assert result["miou"] == pytest.approx(expected16)
+    expected13 = (iou_road + iou_sidewalk + 11) / 13 * 100
+    assert result["miou13"] == pytest.approx(expected13)
+    assert not math.isnan(result["masr13"])
