@@ -107,6 +107,11 @@ class Trainer:
         if self.resume_path is not None and not os.path.isfile(self.resume_path):
             raise FileNotFoundError(f"cannot resume: checkpoint {self.resume_path} does not exist")
         check_paths(config)
+        if self.resume_path is None:
+            existing = [n for n in ("last.pt", "best.pt") if os.path.exists(os.path.join(config["out_dir"], n))]
+            if existing:
+                raise ConfigError(f"out_dir {config['out_dir']} already holds a run ({', '.join(existing)}); "
+                                  "continue it with --resume or choose another out_dir (nothing is overwritten)")
         self._stop_signal: Optional[int] = None
 
     # ----------------------------------------------------------------------------- setup
@@ -214,7 +219,7 @@ class Trainer:
             (logits, features), target_out = self.net(images, target_images)
             self._last_source = (features.detach(), labels)  # for the latent-space scalars at log steps
             ce = F.cross_entropy(_upsample(logits, labels.shape[-2:]), labels, ignore_index=255)
-            values = {"ce": ce}
+            values = {"ce": ce.detach()}
             loss = ce
             if self.regularizer is not None:
                 target_logits, target_features = target_out
@@ -292,6 +297,24 @@ class Trainer:
             self._save("best.pt")
         return result
 
+    def _trim_metrics(self) -> None:
+        """On resume, drop the records a killed run logged after its last checkpoint (they are
+        logged again), so metrics.jsonl reads as one uninterrupted run."""
+        path = os.path.join(self.config["out_dir"], "metrics.jsonl")
+        if self.step == 0 or not os.path.exists(path):
+            return
+        with open(path, "r", encoding="utf-8") as handle:
+            lines = handle.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        if len(kept) != len(lines):
+            atomic_write_text("".join(kept), path)
+
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
@@ -302,6 +325,7 @@ class Trainer:
         if self.env.is_main:
             os.makedirs(c["out_dir"], exist_ok=True)
             atomic_write_text(to_yaml(c), os.path.join(c["out_dir"], "config.yaml"))
+            self._trim_metrics()
         self.writer = None
         if self.env.is_main and t["tensorboard"]:
             try:
