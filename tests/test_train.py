@@ -298,3 +298,23 @@ def test_report_16_classes_gives_13_class_numbers():
     expected13 = (iou_road + iou_sidewalk + 11) / 13 * 100
     assert result["miou13"] == pytest.approx(expected13)
     assert not math.isnan(result["masr13"])
+
+
+def test_experiment_runs_three_trainings_and_one_table(tmp_path, capsys):
+    """The main job, tiny: target_only, source_only, then LSR from the source-only weights; one
+    table on held-out images with mASR relative to the target_only run."""
+    from lsr_fast.train.experiment import run_experiment
+
+    config = tiny_config(tmp_path, "train.steps=2", "experiment.adapt_steps=1", "experiment.test_images=2",
+                         "experiment.adapt_lr=0.001", name="experiment")
+    result = run_experiment(config, analyze=False)
+    assert set(result["results"]) == {"target_only", "source_only", "lsr"}
+    assert result["results"]["target_only"]["masr"] == pytest.approx(100.0)
+    lsr_config = load_checkpoint(os.path.join(config["out_dir"], "lsr", "last.pt"))["config"]
+    assert lsr_config["init"].endswith(os.path.join("source_only", "best.pt"))
+    assert lsr_config["optim"]["lr"] == 0.001 and lsr_config["train"]["steps"] == 1
+    table = open(result["summary"]).read()
+    assert "| | target_only | source_only | lsr |" in table and "held-out synthetic target images (seed 3)" in table
+    # A second run into the same folder is refused rather than overwriting it.
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_experiment(config, analyze=False)

@@ -118,6 +118,7 @@ SCHEMA: Dict[str, Any] = {
     },
     "experiment": {
         "adapt_steps": Field(1000, "int", "lsr-fast experiment: LSR adaptation steps, starting from the source-only run"),
+        "adapt_lr": Field(None, "float", "lsr-fast experiment: base learning rate of the LSR run (default optim.lr)", nullable=True),
         "test_images": Field(100, "int", "lsr-fast experiment: held-out synthetic target images of the final table"),
         "test_seed": Field(3, "int", "lsr-fast experiment: seed of those test images (apart from train and val seeds)"),
     },

@@ -34,6 +34,8 @@ def _run_config(base: Dict[str, Any], mode: str, out_dir: str) -> Dict[str, Any]
     if mode == "lsr":
         config["init"] = os.path.join(out_dir, "source_only", "best.pt")
         config["train"]["steps"] = base["experiment"]["adapt_steps"]
+        if base["experiment"]["adapt_lr"] is not None:
+            config["optim"]["lr"] = base["experiment"]["adapt_lr"]
     return config
 
 
@@ -56,8 +58,11 @@ def run_experiment(base: Dict[str, Any], *, runs: Optional[List[str]] = None, re
         last = os.path.join(config["out_dir"], "last.pt")
         print(f"\n== {mode}: {config['train']['steps']} steps -> {config['out_dir']}", flush=True)
         start = time.perf_counter()
-        train(config, resume="auto" if resume and os.path.isfile(last) else None)
+        summary = train(config, resume="auto" if resume and os.path.isfile(last) else None)
         timings[mode] = time.perf_counter() - start
+        if summary["status"] == "interrupted":  # a signal stops the whole job, not just this run
+            print(f"experiment stopped during {mode}; continue it with: lsr-fast experiment ... --resume", flush=True)
+            return {"results": {}, "seconds": timings, "summary": None, "figures": None, "interrupted": mode}
 
     test_config = _test_config(base)
     device = torch.device("cuda" if base["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
