@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import ops, reference
@@ -33,6 +34,24 @@ class LSRRegularizer(nn.Module):
 
     ``forward`` returns every term and ``total``, the weighted sum of the terms; the trainer adds
     the source cross-entropy CE_s to it.
+
+    Distributed training (torchrun + DistributedDataParallel, NCCL or gloo): with
+    ``distributed="auto"`` (the default) a training-mode call all-reduces its per-class sums and
+    counts, per-class squared-distance sums, norm sums and the weighted MaxSquare sum over
+    ``process_group`` (default: the world) whenever torch.distributed is initialised with more
+    than one rank; ``"on"`` requires it to be initialised, ``"off"`` never communicates. Then,
+    on every rank, the prototypes, ``seen``, ``mean_source_norm`` (also the first step's f-bar_s)
+    and every returned term equal those of one process fed the concatenation of all ranks'
+    source batches and of all ranks' target batches (up to float summation order; ranks may hold
+    different batch sizes). The differentiable sums go through an all-reduce whose backward
+    all-reduces the gradient, so rank r's gradient w.r.t. its own features (and probabilities)
+    is R * dL/df_r, R the world size and L the loss of the concatenated batch; DDP's mean over
+    ranks of the parameter gradients is then exactly dL/dtheta of the concatenated batch (CE_s
+    averaged per rank follows DDP's usual convention). Every rank must call forward and
+    backward in the same order, as with DDP itself. Each step costs two collectives (three on
+    the first) and no host synchronisation. Eval-mode calls never communicate (like
+    SyncBatchNorm), so validation may run on one rank; their terms are local.
+    ``process_group=dist.new_group()`` keeps these collectives apart from DDP's buckets.
     """
 
     def __init__(
@@ -52,6 +71,8 @@ class LSRRegularizer(nn.Module):
         ignore_index: int = 255,
         prototype_init: str = "zero",
         backend: str = "auto",
+        distributed: str = "auto",
+        process_group: Optional[dist.ProcessGroup] = None,
     ):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("feature_dim", feature_dim)):
@@ -68,12 +89,15 @@ class LSRRegularizer(nn.Module):
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
         if prototype_init not in ("zero", "first"):
             raise ValueError(f"prototype_init must be 'zero' (paper) or 'first', got {prototype_init!r}")
+        if distributed not in ("auto", "on", "off"):
+            raise ValueError(f"distributed must be 'auto', 'on' or 'off', got {distributed!r}")
         self.num_classes, self.feature_dim = num_classes, feature_dim
         self.lambda_cluster, self.lambda_perp = float(lambda_cluster), float(lambda_perp)
         self.lambda_norm, self.lambda_entropy = float(lambda_norm), float(lambda_entropy)
         self.alpha, self.momentum, self.norm_delta = float(alpha), float(momentum), float(norm_delta)
         self.label_threshold, self.confidence = float(label_threshold), float(confidence)
         self.ignore_index, self.prototype_init, self.backend = ignore_index, prototype_init, backend
+        self.distributed, self.process_group = distributed, process_group
         self.register_buffer("prototypes", torch.zeros(num_classes, feature_dim))
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("mean_source_norm", torch.zeros(()))
@@ -92,6 +116,23 @@ class LSRRegularizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "steps" in state_dict:
             self._norm_initialised = bool(state_dict[prefix + "steps"] > 0)
+
+    def _sync_group(self):
+        """The process group this call all-reduces over, or None for a single-process call."""
+        if self.distributed == "off" or not self.training:
+            return None
+        initialised = dist.is_available() and dist.is_initialized()
+        if not initialised:
+            if self.distributed == "on":
+                raise RuntimeError(
+                    "distributed='on' but torch.distributed is not initialised; call "
+                    "torch.distributed.init_process_group first, or pass distributed='auto'"
+                )
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if self.distributed == "auto" and dist.get_world_size(group) < 2:
+            return None
+        return group
 
     def _labels_at(self, labels: torch.Tensor, size) -> torch.Tensor:
         if tuple(labels.shape[-2:]) == tuple(size):
@@ -125,10 +166,16 @@ class LSRRegularizer(nn.Module):
             confidence=self.confidence, ignore_index=self.ignore_index, backend=self.backend,
         )
 
+        group = self._sync_group()
         if self._norm_initialised:
             f_bar = self.mean_source_norm
-        else:  # first step: f-bar_s of the current batch, detached
-            f_bar = torch.linalg.vector_norm(source_features.detach().float(), dim=1).mean()
+        else:  # first step: f-bar_s of the current batch (all ranks' batches), detached
+            norms = torch.linalg.vector_norm(source_features.detach().float(), dim=1)
+            if group is None:
+                f_bar = norms.mean()
+            else:
+                norm_sum, count = _all_reduce_sum([norms.sum(), norms.new_full((), norms.numel())], group)
+                f_bar = norm_sum / count
         norm_reference = f_bar + self.norm_delta
 
         prototypes = self.prototypes.detach()  # the backends copy what they save for backward
@@ -139,6 +186,23 @@ class LSRRegularizer(nn.Module):
             target_features, pseudo_labels, prototypes, norm_reference, mode="target", **common)
         source_vectors = source_features.shape[0] * source_features.shape[2] * source_features.shape[3]
         target_vectors = target_features.shape[0] * target_features.shape[2] * target_features.shape[3]
+        if self.lambda_entropy > 0:
+            entropy = ops.maxsquare_loss(target_probs, alpha=self.alpha, backend=self.backend)
+        else:
+            entropy = s_norm_loss.new_zeros(())
+
+        if group is not None:
+            # The concatenated batch's sums: one differentiable all-reduce (gradients summed
+            # back over the ranks) and one plain one for the counts. MaxSquare is a mean over
+            # images, so its per-rank sum over images is reduced and divided by all images.
+            target_images = target_probs.shape[0]
+            s_sums, s_sq, t_sq, s_norm_loss, t_norm_loss, entropy_sum, s_norm_sum, t_norm_sum = _all_reduce_sum(
+                [s_sums, s_sq, t_sq, s_norm_loss, t_norm_loss, entropy * target_images,
+                 s_norm_sum.detach(), t_norm_sum.detach()], group, differentiable=True)
+            sizes = torch.stack([s_counts.new_full((), n) for n in (source_vectors, target_vectors, target_images)])
+            s_counts, t_counts, sizes = _all_reduce_sum([s_counts, t_counts, sizes], group)
+            source_vectors, target_vectors = sizes[0], sizes[1]
+            entropy = entropy_sum / sizes[2]
 
         batch_prototypes = s_sums / s_counts.clamp(min=1).unsqueeze(1).to(s_sums.dtype)
         terms = {
@@ -148,10 +212,7 @@ class LSRRegularizer(nn.Module):
             "norm_source": s_norm_loss / source_vectors,
             "norm_target": t_norm_loss / target_vectors,
         }
-        if self.lambda_entropy > 0:
-            terms["entropy"] = ops.maxsquare_loss(target_probs, alpha=self.alpha, backend=self.backend)
-        else:
-            terms["entropy"] = s_norm_loss.new_zeros(())
+        terms["entropy"] = entropy
         terms["total"] = (
             self.lambda_cluster * (terms["clustering_source"] + terms["clustering_target"])
             + self.lambda_perp * terms["perpendicularity"]
@@ -193,3 +254,31 @@ class LSRRegularizer(nn.Module):
             f"lambda_perp={self.lambda_perp}, lambda_norm={self.lambda_norm}, lambda_entropy={self.lambda_entropy}, "
             f"alpha={self.alpha}, momentum={self.momentum}, norm_delta={self.norm_delta}, backend={self.backend!r}"
         )
+
+
+class _AllReduceSumFunction(torch.autograd.Function):
+    """Sum over the ranks whose backward sums the gradients over the ranks too (what
+    torch.distributed.nn.functional.all_reduce does; that one warns FutureWarning on every call)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduceSumFunction.apply(grad, ctx.group), None
+
+
+def _all_reduce_sum(parts: List[torch.Tensor], group, differentiable: bool = False) -> List[torch.Tensor]:
+    """Each tensor of ``parts`` summed over the ranks of ``group``, in one collective; returned
+    with its own shape and dtype (they travel in the promoted dtype of all of them)."""
+    flat = torch.cat([part.reshape(-1) for part in parts])
+    if differentiable:
+        flat = _AllReduceSumFunction.apply(flat, group)
+    else:
+        dist.all_reduce(flat, group=group)
+    chunks = flat.split([part.numel() for part in parts])
+    return [chunk.view(part.shape).to(part.dtype) for chunk, part in zip(chunks, parts)]
