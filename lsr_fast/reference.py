@@ -143,7 +143,8 @@ def _as_rows(features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor
     if features.dim() == 2:
         return features.t().unsqueeze(0), labels.reshape(1, -1)
     B, K = features.shape[:2]
-    return features.reshape(B, K, -1), labels.reshape(B, -1)
+    n = features.shape[2] * features.shape[3]  # explicit: reshape(B, K, -1) fails for B = 0
+    return features.reshape(B, K, n), labels.reshape(B, n)
 
 
 def _class_index(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -210,6 +211,8 @@ def perpendicularity_loss(prototypes: torch.Tensor, present: Optional[torch.Tens
     """Eq. 6: mean cosine over ordered pairs i != j of the present prototypes; 0 if fewer than 2.
 
     One Gram matrix of the normalised prototypes replaces the O(C^2) loop of tiny kernels.
+    A prototype with norm below COSINE_EPS (e.g. a class whose features are all zero after a
+    ReLU) has unit vector 0: cosine 0 and no gradient, instead of a gradient of order 1/eps.
     """
     num_classes = prototypes.shape[0]
     acc = _accumulate_dtype(prototypes)
@@ -217,7 +220,8 @@ def perpendicularity_loss(prototypes: torch.Tensor, present: Optional[torch.Tens
         present = torch.ones(num_classes, dtype=torch.bool, device=prototypes.device)
     present = present.to(device=prototypes.device, dtype=acc)
     protos = prototypes.to(acc)
-    unit = protos / torch.linalg.vector_norm(protos, dim=1, keepdim=True).clamp(min=COSINE_EPS)
+    norms = torch.linalg.vector_norm(protos, dim=1, keepdim=True)
+    unit = torch.where(norms >= COSINE_EPS, protos / norms.clamp(min=COSINE_EPS), torch.zeros_like(protos))
     cosines = unit @ unit.t()
     pair_mask = (present.unsqueeze(0) * present.unsqueeze(1)) * (1 - torch.eye(num_classes, dtype=acc, device=prototypes.device))
     n = present.sum()

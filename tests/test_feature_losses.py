@@ -59,6 +59,17 @@ def test_perpendicularity_hand_worked():
     assert reference.perpendicularity_loss(zero).item() == 0.0
 
 
+def test_perpendicularity_zero_prototype_has_no_gradient():
+    # A present class whose features are all zero: its cosines are 0 and its gradient is 0, not
+    # of order 1/COSINE_EPS (which overflowed float16/bfloat16).
+    prototypes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    loss = lsr_fast.perpendicularity_loss(prototypes)
+    loss.backward()
+    assert loss.item() == 0.0  # (1,0) and (0,1) are orthogonal, the zero row contributes 0
+    assert torch.equal(prototypes.grad[0], torch.zeros(2))
+    assert torch.isfinite(prototypes.grad).all()
+
+
 def test_perpendicularity_gradcheck():
     prototypes = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     present = torch.tensor([True, False, True, True, True])

@@ -156,11 +156,18 @@ inline bool describe_features(const at::Tensor& t, FeatureView& v) {
       v.sN = t.stride(3);
     } else if (w == 1) {
       v.sN = t.stride(2);
-    } else if (t.stride(2) == t.stride(3) * w) {
+    } else if (t.stride(2) == t.stride(3) * w || t.numel() == 0) {
       v.sN = t.stride(3);
     } else {
       return false;
     }
+  }
+  if (t.numel() == 0) {  // nothing is read; an empty tensor's strides can be anything
+    v.sB = v.K * v.N;
+    v.sK = v.N;
+    v.sN = 1;
+    v.planes = true;
+    return true;
   }
   // Size-1 dimensions have arbitrary strides: normalise them so the layout tests below see them.
   if (v.N <= 1) v.sN = 1;

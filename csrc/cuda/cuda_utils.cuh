@@ -263,7 +263,7 @@ inline std::optional<FeatureLayout> feature_layout(const at::Tensor& t, bool mer
       sN = t.stride(0);  // one position per image (or none): the images are the positions
     } else if (w == 1) {
       sN = t.stride(2);
-    } else if (h == 1 || t.stride(2) == w * t.stride(3)) {
+    } else if (h == 1 || t.stride(2) == w * t.stride(3) || t.numel() == 0) {  // empty: nothing is read
       sN = t.stride(3);
     } else {
       return std::nullopt;

@@ -92,7 +92,7 @@ def class_feature_stats_backward_op(
     layout = map_layout(grad)  # the features' strides when they are dense
     grad_sums = grad_sums.contiguous()
     _class_feature_stats_backward_kernel[gather_grid(layout)](
-        grad_sums, labels.reshape(-1), grad,
+        grad_sums, labels.reshape(-1).contiguous(), grad,
         layout.N, layout.K, grad_sums.shape[0], *layout.args(), ignore_index, **layout.constants(),
         **launch_meta(gather_interpreter_meta(layout)),
     )

@@ -225,7 +225,7 @@ def feature_pass(
     # Empty tensors (K = 0, C = 0) are never read; give the kernel a real pointer anyway.
     dummy = torch.zeros((1,), dtype=acc, device=device)
     f = features if features.numel() > 0 else dummy
-    flat_labels = labels.reshape(-1)
+    flat_labels = labels.reshape(-1).contiguous()  # a strided view would be read as contiguous
     ws_sums = sums if splits == 1 else torch.empty((splits, C, K), dtype=acc, device=device)
     ws_counts = torch.empty((splits, C), dtype=torch.int32, device=device)
     if with_terms:

@@ -106,7 +106,7 @@ def feature_terms_backward_op(
     protos, g_sums, g_sq = (t.contiguous() if t.numel() else dummy for t in (prototypes, grad_sums, grad_sq))
     _feature_terms_backward_kernel[gather_grid(layout)](
         g_sums, g_sq, grad_norm_loss, grad_norm_sum,
-        features, labels.reshape(-1), protos, reference, norms,
+        features, labels.reshape(-1).contiguous(), protos, reference, norms,
         grad_norms.contiguous() if grad_norms is not None else norms, grad,
         layout.N, layout.K, C, *layout.args(), out.s_b, out.s_k, out.s_y, out.s_x, norm_mode, ignore_index,
         **layout.constants(), **out.constants("O_"), HAS_GRAD_NORMS=grad_norms is not None,
