@@ -198,7 +198,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                            help="continue the run exactly from this checkpoint")
         else:
             p.add_argument("--resume", action="store_true", help="resume runs whose last.pt exists")
-            p.add_argument("--runs", nargs="+", choices=("target_only", "source_only", "lsr"), help="train only these runs")
+            p.add_argument("--runs", nargs="+", choices=("target_only", "source_only", "lsr", "source_only_continued"),
+                           help="train only these runs (default: all; source_only_continued when experiment.control)")
             p.add_argument("--no-analysis", action="store_true", help="skip the latent-space figures")
         p.set_defaults(func=func)
 

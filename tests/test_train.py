@@ -308,13 +308,16 @@ def test_experiment_runs_three_trainings_and_one_table(tmp_path, capsys):
     config = tiny_config(tmp_path, "train.steps=2", "experiment.adapt_steps=1", "experiment.test_images=2",
                          "experiment.adapt_lr=0.001", name="experiment")
     result = run_experiment(config, analyze=False)
-    assert set(result["results"]) == {"target_only", "source_only", "lsr"}
+    assert set(result["results"]) == {"target_only", "source_only", "lsr", "source_only_continued"}
     assert result["results"]["target_only"]["masr"] == pytest.approx(100.0)
     lsr_config = load_checkpoint(os.path.join(config["out_dir"], "lsr", "last.pt"))["config"]
     assert lsr_config["init"].endswith(os.path.join("source_only", "best.pt"))
     assert lsr_config["optim"]["lr"] == 0.001 and lsr_config["train"]["steps"] == 1
+    control = load_checkpoint(os.path.join(config["out_dir"], "source_only_continued", "last.pt"))
+    assert control["config"]["mode"] == "source_only" and control["config"]["init"] == lsr_config["init"]
+    assert control["config"]["optim"]["lr"] == 0.001 and control["regularizer"] is None
     table = open(result["summary"]).read()
-    assert "| | target_only | source_only | lsr |" in table and "held-out synthetic target images (seed 3)" in table
+    assert "| | target_only | source_only | lsr | source_only_continued |" in table and "held-out synthetic target images (seed 3)" in table
     # A second run into the same folder is refused rather than overwriting it.
     with pytest.raises(ConfigError, match="already holds a run"):
         run_experiment(config, analyze=False)

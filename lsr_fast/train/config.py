@@ -119,6 +119,8 @@ SCHEMA: Dict[str, Any] = {
     "experiment": {
         "adapt_steps": Field(1000, "int", "lsr-fast experiment: LSR adaptation steps, starting from the source-only run"),
         "adapt_lr": Field(None, "float", "lsr-fast experiment: base learning rate of the LSR run (default optim.lr)", nullable=True),
+        "control": Field(True, "bool", "lsr-fast experiment: also continue the source-only run for adapt_steps without LSR "
+                         "(same init, steps and lr), which separates LSR's gain from that of more training"),
         "test_images": Field(100, "int", "lsr-fast experiment: held-out synthetic target images of the final table"),
         "test_seed": Field(3, "int", "lsr-fast experiment: seed of those test images (apart from train and val seeds)"),
     },

@@ -3,6 +3,8 @@
 1. target_only — trained on labelled target images: the supervised reference of mASR (Eq. 9).
 2. source_only — trained on labelled source images.
 3. lsr — initialised from the source-only run's best weights and adapted with LSR (L+).
+4. source_only_continued (``experiment.control``) — the same start, steps and learning rate as
+   run 3 without the LSR terms: what the extra steps alone give.
 Each run keeps its checkpoints, metrics.jsonl and TensorBoard logs in its own folder; ``best.pt``
 is chosen by validation mIoU (data.val). The final table evaluates each run's best checkpoint on
 held-out target images (for the synthetic scenes a separate seed, used neither for training nor
@@ -24,14 +26,15 @@ from .build import build_eval_dataset
 from .checkpoint import atomic_write_text, load_for_inference
 from .trainer import train
 
-RUNS = ("target_only", "source_only", "lsr")
+RUNS = ("target_only", "source_only", "lsr", "source_only_continued")
 
 
-def _run_config(base: Dict[str, Any], mode: str, out_dir: str) -> Dict[str, Any]:
+def _run_config(base: Dict[str, Any], run: str, out_dir: str) -> Dict[str, Any]:
     config = copy.deepcopy(base)
-    config["mode"], config["name"] = mode, mode
-    config["out_dir"] = os.path.join(out_dir, mode)
-    if mode == "lsr":
+    config["mode"] = "source_only" if run == "source_only_continued" else run
+    config["name"] = run
+    config["out_dir"] = os.path.join(out_dir, run)
+    if run in ("lsr", "source_only_continued"):
         config["init"] = os.path.join(out_dir, "source_only", "best.pt")
         config["train"]["steps"] = base["experiment"]["adapt_steps"]
         if base["experiment"]["adapt_lr"] is not None:
@@ -51,34 +54,34 @@ def run_experiment(base: Dict[str, Any], *, runs: Optional[List[str]] = None, re
                    analyze: bool = True) -> Dict[str, Any]:
     out_dir = base["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
-    runs = list(runs or RUNS)
+    runs = list(runs or (RUNS if base["experiment"]["control"] else RUNS[:3]))
     timings: Dict[str, float] = {}
-    for mode in runs:
-        config = _run_config(base, mode, out_dir)
+    for run in runs:
+        config = _run_config(base, run, out_dir)
         last = os.path.join(config["out_dir"], "last.pt")
-        print(f"\n== {mode}: {config['train']['steps']} steps -> {config['out_dir']}", flush=True)
+        print(f"\n== {run}: {config['train']['steps']} steps -> {config['out_dir']}", flush=True)
         start = time.perf_counter()
         summary = train(config, resume="auto" if resume and os.path.isfile(last) else None)
-        timings[mode] = time.perf_counter() - start
+        timings[run] = time.perf_counter() - start
         if summary["status"] == "interrupted":  # a signal stops the whole job, not just this run
-            print(f"experiment stopped during {mode}; continue it with: lsr-fast experiment ... --resume", flush=True)
-            return {"results": {}, "seconds": timings, "summary": None, "figures": None, "interrupted": mode}
+            print(f"experiment stopped during {run}; continue it with: lsr-fast experiment ... --resume", flush=True)
+            return {"results": {}, "seconds": timings, "summary": None, "figures": None, "interrupted": run}
 
     test_config = _test_config(base)
     device = torch.device("cuda" if base["device"] in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     test_set = build_eval_dataset(test_config)
     confusions, results = {}, {}
-    for mode in RUNS:
-        path = os.path.join(out_dir, mode, "best.pt")
+    for run in RUNS:
+        path = os.path.join(out_dir, run, "best.pt")
         if not os.path.isfile(path):
             continue
         bundle = load_for_inference(path, device)
-        confusions[mode] = evaluate(bundle.model, test_set, bundle.num_classes, device=device)
+        confusions[run] = evaluate(bundle.model, test_set, bundle.num_classes, device=device)
     supervised = per_class_iou(confusions["target_only"]) if "target_only" in confusions else None
-    for mode, confusion in confusions.items():
-        results[mode] = report(confusion, supervised_iou=supervised,
+    for run, confusion in confusions.items():
+        results[run] = report(confusion, supervised_iou=supervised,
                                supervised_source="target_only run" if supervised is not None else "paper")
-        results[mode]["name"] = mode
+        results[run]["name"] = run
 
     test = test_config["data"]["val"]
     where = (f"{len(test_set)} held-out synthetic target images (seed {test['seed']})" if test["name"] == "synthetic"
@@ -98,11 +101,11 @@ def run_experiment(base: Dict[str, Any], *, runs: Optional[List[str]] = None, re
     if analyze and {"source_only", "lsr"} <= set(confusions):
         figures = _analyze(out_dir, device)
     print("Where things went:")
-    for mode in confusions:
-        print(f"  {mode:12s} {os.path.join(out_dir, mode)}  (last.pt, best.pt, metrics.jsonl, tb/)")
-    print(f"  table        {os.path.join(out_dir, 'summary.md')} (and .json)")
+    for run in confusions:
+        print(f"  {run:22s} {os.path.join(out_dir, run)}  (last.pt, best.pt, metrics.jsonl, tb/)")
+    print(f"  {'table':22s} {os.path.join(out_dir, 'summary.md')} (and .json)")
     if figures:
-        print(f"  plots        {figures}")
+        print(f"  {'plots':22s} {figures}")
     print(f"  TensorBoard: tensorboard --logdir {out_dir}")
     return {"results": results, "seconds": timings, "summary": os.path.join(out_dir, "summary.md"), "figures": figures}
 

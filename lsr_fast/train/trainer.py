@@ -189,7 +189,7 @@ class Trainer:
 
     def _loader(self, role: str, batch_size: int):
         dataset = build_train_dataset(self.config, role)
-        sampler = StepBatchSampler(len(dataset), batch_size, seed=self.config["seed"], domain=role if role != "target" or self.config["mode"] != "target_only" else "source",
+        sampler = StepBatchSampler(len(dataset), batch_size, seed=self.config["seed"], domain=role,
                                    start_step=self.step, rank=self.env.rank, world_size=self.env.world_size)
         workers = self.config["data"]["workers"]
         return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
