@@ -23,7 +23,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 import lsr_fast
 from lsr_fast import reference
+from lsr_fast._atomic import atomic_write_bytes
 from lsr_fast.ops._checks import value_checks_enabled
 
 # ---------------------------------------------------------------------------------------------
@@ -831,25 +831,6 @@ def render_chart(report: dict) -> bytes:
     return buffer.getvalue()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def free_stem(out_dir: str, stem: str) -> str:
     """``stem``, or stem-2, stem-3, ... so no earlier report is overwritten."""
     candidate, n = stem, 1
@@ -864,9 +845,9 @@ def write_report(report: dict, out_dir: str) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     stem = free_stem(out_dir, f"{report['meta']['device']}-{report['meta']['date']}")
     paths = {ext: os.path.join(out_dir, stem + "." + ext) for ext in ("json", "md", "png")}
-    write_atomic(paths["json"], (json.dumps(report, indent=1) + "\n").encode())
-    write_atomic(paths["md"], render_markdown(report).encode())
-    write_atomic(paths["png"], render_chart(report))
+    atomic_write_bytes(paths["json"], (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_bytes(paths["md"], render_markdown(report).encode())
+    atomic_write_bytes(paths["png"], render_chart(report))
     return paths
 
 

@@ -223,6 +223,35 @@ def test_cli_train_eval_and_resume(tmp_path, capsys):
     assert cli(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
 
 
+def test_bf16_autocast_channels_last_and_tensorboard(tmp_path):
+    config = tiny_config(tmp_path, "train.amp=bf16", "model.channels_last=true", "train.tensorboard=true",
+                         "train.steps=2", "deterministic=false")
+    summary = train(config)
+    assert summary["status"] == "finished"
+    records = [r for r in read_metrics(config["out_dir"]) if "train.loss" in r]
+    assert len(records) == 2 and all(math.isfinite(r["train.loss"]) for r in records)
+    assert any(k.startswith("latent/norm/") for k in records[-1])  # per-class mean norms logged
+    events = [f for f in os.listdir(os.path.join(config["out_dir"], "tb")) if f.startswith("events.out.tfevents")]
+    assert events, "no TensorBoard event file"
+
+
+def test_eval_with_flip_and_a_supervised_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert cli(["train", *TINY, "train.steps=1", f"out_dir={out}"]) == 0
+    checkpoint = str(out / "last.pt")
+    # mASR against the checkpoint itself is 100 by definition (Eq. 9 with IoU_adapted = IoU_supervised).
+    assert cli(["eval", "--checkpoint", checkpoint, "--flip", "--supervised-checkpoint", checkpoint,
+                "--out", str(tmp_path / "self")]) == 0
+    result = json.loads((tmp_path / "self.json").read_text())
+    assert result["flip"] is True and result["masr"] == pytest.approx(100.0)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps([50.0] * 19))
+    assert cli(["eval", "--checkpoint", checkpoint, "--supervised-table", str(table), "--out", str(tmp_path / "t")]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    ious = [v for v in result["per_class_iou"].values() if v is not None]
+    assert result["masr"] == pytest.approx(sum(v / 50.0 for v in ious) / len(ious) * 100)
+
+
 def test_target_only_and_source_only_modes(tmp_path):
     for mode in ("target_only", "source_only"):
         config = tiny_config(tmp_path, f"mode={mode}", "train.steps=1", name=mode)

@@ -1,42 +1,15 @@
-"""Atomic file writes for the analysis outputs (temporary file in the same folder, fsync, rename)."""
+"""JSON and PNG outputs of the analysis, written atomically (lsr_fast._atomic)."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
-import os
-import uuid
 
 import numpy as np
 import torch
 
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with 0o666 leaves the permissions to the umask, like an ordinary file (mkstemp: 0600)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+from .._atomic import atomic_write_bytes
 
 
 def jsonable(value):

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
+from .._atomic import atomic_write
 from .datasets import (
     KINDS,
     TRAINID_DIRNAME,
@@ -182,36 +182,10 @@ def validate_dataset(
     return report
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory handles
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_png_atomic(path: str, array: np.ndarray) -> None:
-    """Write a uint8 (H, W) array as an 8-bit grey PNG: a temporary file in the same folder,
-    flushed and fsynced, then renamed over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # our own temporary file, never the target
-        raise
-    _fsync_dir(folder)
+    """Write a uint8 (H, W) array as an 8-bit grey PNG, atomically (lsr_fast._atomic)."""
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
 
 
 def write_trainid_labels(

@@ -137,11 +137,11 @@ def markdown_table(results: Dict[str, Dict[str, Any]]) -> str:
 
 def write_report(result: Dict[str, Any], out_prefix: str, title: str = "Evaluation") -> None:
     """``out_prefix``.json and ``out_prefix``.md, written atomically."""
-    from ..train.checkpoint import atomic_write_text
+    from .._atomic import atomic_write_text
 
-    atomic_write_text(json.dumps(result, indent=2) + "\n", out_prefix + ".json")
+    atomic_write_text(out_prefix + ".json", json.dumps(result, indent=2) + "\n")
     body = f"# {title}\n\n" + markdown_table({result.get("name", "result"): result})
-    atomic_write_text(body, out_prefix + ".md")
+    atomic_write_text(out_prefix + ".md", body)
 
 
 def load_iou_table(path: str, num_classes: int) -> torch.Tensor:

@@ -23,7 +23,8 @@ import torch
 
 from ..eval.evaluate import evaluate, markdown_table, per_class_iou, report
 from .build import build_eval_dataset
-from .checkpoint import atomic_write_text, load_for_inference
+from .._atomic import atomic_write_text
+from .checkpoint import load_for_inference
 from .trainer import train
 
 RUNS = ("target_only", "source_only", "lsr", "source_only_continued")
@@ -92,9 +93,9 @@ def run_experiment(base: Dict[str, Any], *, runs: Optional[List[str]] = None, re
              "(classes present in the test images).", "", table]
     lines.append("Runs: " + ", ".join(f"{m} {timings[m]:.0f} s" for m in timings) if timings else "")
     summary_md = "\n".join(lines) + "\n"
-    atomic_write_text(summary_md, os.path.join(out_dir, "summary.md"))
-    atomic_write_text(json.dumps({"results": results, "seconds": timings, "evaluated_on": where}, indent=2) + "\n",
-                      os.path.join(out_dir, "summary.json"))
+    atomic_write_text(os.path.join(out_dir, "summary.md"), summary_md)
+    atomic_write_text(os.path.join(out_dir, "summary.json"),
+                      json.dumps({"results": results, "seconds": timings, "evaluated_on": where}, indent=2) + "\n")
     print("\n" + summary_md)
 
     figures = None

@@ -30,7 +30,8 @@ from .. import __version__
 from ..eval.evaluate import autocast, evaluate, report
 from . import distributed
 from .build import build_eval_dataset, build_model, build_regularizer, build_train_dataset
-from .checkpoint import atomic_write_text, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .._atomic import atomic_write_text
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import ConfigError, build_config, check_paths, to_yaml
 from .sampling import StepBatchSampler
 
@@ -313,7 +314,7 @@ class Trainer:
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill
         if len(kept) != len(lines):
-            atomic_write_text("".join(kept), path)
+            atomic_write_text(path, "".join(kept))
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -324,7 +325,7 @@ class Trainer:
         c, t = self.config, self.config["train"]
         if self.env.is_main:
             os.makedirs(c["out_dir"], exist_ok=True)
-            atomic_write_text(to_yaml(c), os.path.join(c["out_dir"], "config.yaml"))
+            atomic_write_text(os.path.join(c["out_dir"], "config.yaml"), to_yaml(c))
             self._trim_metrics()
         self.writer = None
         if self.env.is_main and t["tensorboard"]:
@@ -405,7 +406,7 @@ class Trainer:
             if status == "finished" or stopped_early:
                 if status == "finished" and (not self.history or self.history[-1]["step"] != self.step):
                     result = self._validate()
-                    self._print(f"step {self.step}: val mIoU {result['miou']:.2f} (best {self.best['miou']:.2f} at {self.best['step']})")
+                    self._print(f"\nstep {self.step}: val mIoU {result['miou']:.2f} (best {self.best['miou']:.2f} at {self.best['step']})")
                 self._save("last.pt")
         finally:
             for sig, handler in handlers.items():
@@ -417,7 +418,7 @@ class Trainer:
         summary = {"status": status, "step": self.step, "best": self.best, "selection": self.selection,
                    "out_dir": c["out_dir"], "nonfinite_in_a_row": self.nonfinite}
         if self.env.is_main:
-            atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(c["out_dir"], "summary.json"))
+            atomic_write_text(os.path.join(c["out_dir"], "summary.json"), json.dumps(summary, indent=2) + "\n")
         return summary
 
     @staticmethod
