@@ -86,6 +86,14 @@ def test_missing_dataset_root_and_weights_stop_before_training(tmp_path):
         build_config(None, ["data.source.name=gta5", "data.source.root=null"])
 
 
+def test_init_from_a_checkpoint_of_another_model_is_an_error(tmp_path):
+    first = tiny_config(tmp_path, "train.steps=1", "mode=source_only", name="narrow")
+    train(first)
+    wider = tiny_config(tmp_path, "model.width=8", f"init={tmp_path / 'narrow' / 'last.pt'}", name="wide")
+    with pytest.raises(ConfigError, match=r"init: the weights in .*narrow.*last\.pt do not fit"):
+        train(wider)
+
+
 def test_shipped_configs_load():
     from lsr_fast.train.config import load_config
 

@@ -65,7 +65,8 @@ def run_experiment(base: Dict[str, Any], *, runs: Optional[List[str]] = None, re
         summary = train(config, resume="auto" if resume and os.path.isfile(last) else None)
         timings[run] = time.perf_counter() - start
         if summary["status"] == "interrupted":  # a signal stops the whole job, not just this run
-            print(f"experiment stopped during {run}; continue it with: lsr-fast experiment ... --resume", flush=True)
+            print(f"experiment stopped during {run}; continue it with the same config and overrides plus "
+                  f"out_dir={out_dir} --resume", flush=True)
             return {"results": {}, "seconds": timings, "summary": None, "figures": None, "interrupted": run}
 
     test_config = _test_config(base)

@@ -145,7 +145,11 @@ class Trainer:
             self._print(f"pretrained weights {c['model']['pretrained']}:\n{load_report}")
         if c["init"] and checkpoint is None:
             init = load_checkpoint(c["init"])
-            self.model.load_state_dict(init["model"])
+            try:
+                self.model.load_state_dict(init["model"])
+            except RuntimeError as error:
+                raise ConfigError(f"init: the weights in {c['init']} do not fit this model "
+                                  f"(model.* or data.num_classes differ?): {error}") from None
             self._print(f"initialised the model from {c['init']} (step {init['step']})")
         if c["model"]["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -153,6 +157,8 @@ class Trainer:
         self.regularizer = None
         if c["mode"] == "lsr":
             self.regularizer = build_regularizer(c, self.model.feature_dim).to(self.device)
+            if self.env.enabled:  # its own group: its collectives never interleave with DDP's buckets
+                self.regularizer.process_group = torch.distributed.new_group()
         net = TwoDomainNet(self.model)
         self.net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.env.enabled else net
 
