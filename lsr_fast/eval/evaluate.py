@@ -17,7 +17,16 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .metrics import CLASS_NAMES_19, SUBSET_13, SUBSET_16, confusion_matrix, masr, mean_iou, per_class_iou
+from .metrics import (
+    CLASS_NAMES_19,
+    SUBSET_13,
+    SUBSET_16,
+    confusion_matrix,
+    masr,
+    mean_iou,
+    paper_target_only_iou,
+    per_class_iou,
+)
 
 
 def class_names(num_classes: int):
@@ -95,8 +104,6 @@ def report(confusion: torch.Tensor, *, supervised_iou: Optional[Sequence[float]]
     if supervised_iou is not None:
         supervised = torch.as_tensor(supervised_iou, dtype=torch.float64)
     elif num_classes in (19, 16):
-        from .metrics import paper_target_only_iou
-
         supervised = paper_target_only_iou(num_classes)
     if supervised is not None:
         if supervised.numel() != num_classes:

@@ -131,11 +131,12 @@ class Trainer:
 
         checkpoint = load_checkpoint(self.resume_path) if self.resume_path else None
         if checkpoint is not None:
-            saved = build_config(checkpoint["config"], source=self.resume_path)
-            changed = [k for k, v in _flatten(c).items() if k not in RESUME_FREE_KEYS and _flatten(saved).get(k) != v]
+            saved = _flatten(build_config(checkpoint["config"], source=self.resume_path))
+            now = _flatten(c)
+            changed = [k for k, v in now.items() if k not in RESUME_FREE_KEYS and saved.get(k) != v]
             if changed:
                 raise ConfigError(f"cannot resume from {self.resume_path}: the config differs in "
-                                  + ", ".join(f"{k} ({_flatten(saved).get(k)!r} -> {_flatten(c)[k]!r})" for k in changed))
+                                  + ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in changed))
 
         self.model = build_model(c)
         if c["model"]["pretrained"] and checkpoint is None:
