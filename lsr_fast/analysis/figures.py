@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..eval.metrics import CLASS_NAMES_19, SUBSET_16, per_class_iou
+from ..eval.metrics import SUBSET_16, class_names, per_class_iou
 from ._io import save_figure, write_json
 from .features import DownsampleStats, FeatureStats
 from .stats import angle_matrix, angles_to_prototype, mean_angle_to_others, norm_interval, row_normalise
@@ -30,15 +30,6 @@ CITYSCAPES_PALETTE_19 = (
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
 RUN_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
-
-
-def class_names(num_classes: int) -> List[str]:
-    """Cityscapes names for the 19-class and SYNTHIA 16-class evaluations, else class indices."""
-    if num_classes == 19:
-        return list(CLASS_NAMES_19)
-    if num_classes == 16:
-        return [CLASS_NAMES_19[i] for i in SUBSET_16]
-    return [str(c) for c in range(num_classes)]
 
 
 def class_colours(num_classes: int) -> np.ndarray:

@@ -18,23 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import (
-    CLASS_NAMES_19,
     SUBSET_13,
     SUBSET_16,
+    class_names,
     confusion_matrix,
     masr,
     mean_iou,
     paper_target_only_iou,
     per_class_iou,
 )
-
-
-def class_names(num_classes: int):
-    if num_classes == 19:
-        return list(CLASS_NAMES_19)
-    if num_classes == 16:
-        return [CLASS_NAMES_19[i] for i in SUBSET_16]
-    return [str(i) for i in range(num_classes)]
 
 
 def autocast(device: torch.device, amp: str):

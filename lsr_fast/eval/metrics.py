@@ -27,6 +27,15 @@ PAPER_TARGET_ONLY_IOU_19 = (
 )
 
 
+def class_names(num_classes: int) -> list:
+    """Cityscapes names for the 19-class and SYNTHIA 16-class evaluations, else class indices."""
+    if num_classes == 19:
+        return list(CLASS_NAMES_19)
+    if num_classes == 16:
+        return [CLASS_NAMES_19[i] for i in SUBSET_16]
+    return [str(i) for i in range(num_classes)]
+
+
 def paper_target_only_iou(num_classes: int = 19) -> torch.Tensor:
     """The paper's target-only IoUs as fractions, for the 19-, 16- or 13-class evaluation."""
     table = torch.tensor(PAPER_TARGET_ONLY_IOU_19, dtype=torch.float64) / 100.0

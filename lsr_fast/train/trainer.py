@@ -279,7 +279,7 @@ class Trainer:
         """Mean inter-prototype angle and per-class mean feature norms of the last source batch
         (lsr_fast.analysis; read at log steps only)."""
         from ..analysis.stats import latent_scalars
-        from ..eval.evaluate import class_names
+        from ..eval.metrics import class_names
 
         features, labels = self._last_source
         num_classes = self.config["data"]["num_classes"]
