@@ -47,6 +47,25 @@ def test_unusable_backend_by_name_raises_with_the_reason(name):
         lsr_fast.hist_downsample(labels, 2, 1, backend=name)
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True),   # Triton 3.6's interpreter calls int() on 1-element arrays
+    ("3.6.0", "2.5.2", True),
+    ("3.2.0", "2.4.0rc1", True),
+    ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False),  # fixed in 3.7
+    ("3.10.0", "2.5.0", False),  # compared as numbers, not strings
+    ("3.6.0", "", False),        # no NumPy: nothing to say
+])
+def test_triton_interpreter_version_problem(triton_version, numpy_version, refused):
+    triton_backend = pytest.importorskip("lsr_fast.triton")
+    if not hasattr(triton_backend, "OPS"):
+        pytest.skip("triton is not installed")
+    reason = triton_backend._interpreter_problem(triton_version, numpy_version)
+    assert bool(reason) == refused
+    if refused:
+        assert triton_version in reason and numpy_version in reason and "triton>=3.7" in reason
+
+
 def test_cuda_backend_refuses_cpu_tensors():
     if lsr_fast.available_backends()["cuda"] != "available":
         pytest.skip("cuda backend not usable here")

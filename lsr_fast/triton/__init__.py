@@ -14,6 +14,7 @@ is imported they run in Triton's interpreter on CPU tensors (tests).
 from __future__ import annotations
 
 import os
+import re
 from typing import Union
 
 import torch
@@ -35,8 +36,38 @@ def unavailable_reason(backend: str = "triton") -> str:
     """Empty when the Triton kernels can run here, else why not."""
     if _IMPORT_ERROR:
         return _IMPORT_ERROR
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpreting:
         return "no CUDA device and TRITON_INTERPRET is not 1"
+    if interpreting:
+        return _interpreter_problem(triton.__version__, _numpy_version())
+    return ""
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    return (int(numbers.group(1)), int(numbers.group(2))) if numbers else (0, 0)
+
+
+def _numpy_version() -> str:
+    try:
+        import numpy
+    except ImportError:
+        return ""
+    return numpy.__version__
+
+
+def _interpreter_problem(triton_version: str, numpy_version: str) -> str:
+    """Why Triton's interpreter cannot run our kernels with these versions, or empty.
+
+    Before Triton 3.7 the interpreter turns a loop bound derived from tl.program_id into a Python
+    int with int() of a one-element array, which NumPy 2.4 made an error: every kernel with such
+    a loop fails with "only 0-dimensional arrays can be converted to Python scalars". Compiled
+    kernels on a GPU are not affected.
+    """
+    if numpy_version and _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run with NumPy {numpy_version} "
+                "(install triton>=3.7 or numpy<2.4 to run the Triton kernels on CPU tensors)")
     return ""
 
 
