@@ -7,6 +7,8 @@ cases under pytest-benchmark. See benchmarks/README.md for what every number mea
 
     lsr-fast bench --quick                       # small shapes, few rounds
     lsr-fast bench --shapes gta5 --backends reference,cpp --ops losses,train_step
+    lsr-fast bench --shapes gta5 --time-budget 8   # stop starting cases after 8 minutes
+    lsr-fast bench --merge part1.json part2.json   # one report from runs split by shape or op
 """
 
 from __future__ import annotations
@@ -631,6 +633,11 @@ GPU_COMPILE_GOAL = 1.5  # fused losses vs torch.compile(reference)
 GPU_STEP_GOAL_PCT = 2.0  # LSR overhead, percent of a source-only step
 
 
+def _copy_gbps(r: dict, meta: dict) -> float:
+    """The copy bandwidth measured in the run that timed ``r`` (merged reports hold several)."""
+    return r.get("copy_gbps") or meta["copy"]["gbps"]
+
+
 def _where(r: dict) -> str:
     return f"{r['shape']} {r['pass']} {r['dtype']}"
 
@@ -665,12 +672,13 @@ def evaluate_goals(report: dict) -> List[dict]:
         return goals
 
     goals = []
-    copy = report["meta"]["copy"]["gbps"]
+    meta = report["meta"]
+    copy = "measured per part" if meta.get("parts") else f"{meta['copy']['gbps']:.0f} GB/s"
     for backend in ("cuda", "triton"):
         for op in OPS:
-            values = [(r["gbps"] / copy, _where(r)) for r in ok if r["op"] == op and r["backend"] == backend]
+            values = [(r["gbps"] / _copy_gbps(r, meta), _where(r)) for r in ok if r["op"] == op and r["backend"] == backend]
             goals.append(_goal(
-                f"{backend} {op}: share of copy bandwidth ({copy:.0f} GB/s)", f">= {100 * GPU_BANDWIDTH_GOAL:.0f}%",
+                f"{backend} {op}: share of copy bandwidth ({copy})", f">= {100 * GPU_BANDWIDTH_GOAL:.0f}%",
                 values, met=lambda v: v >= GPU_BANDWIDTH_GOAL, show=lambda v: f"{100 * v:.0f}%",
                 miss=lambda v: f"{100 * (GPU_BANDWIDTH_GOAL - v):.0f} points short"))
     compiled = {(r["shape"], r["pass"], r["dtype"]): r["median_ms"]
@@ -718,7 +726,8 @@ def render_markdown(report: dict) -> str:
         f"- Device: {meta['device_description']}",
         f"- Versions: Python {v['python']}, torch {v['torch']}, triton {v['triton']}, lsr_fast {v['lsr_fast']} (commit {v['commit']})",
         (f"- Copy bandwidth: {meta['copy']['gbps']:.1f} GB/s (a {meta['copy']['bytes'] // 2**21} MiB same-device copy: "
-         "bytes read + written over the median time)"),
+         "bytes read + written over the median time)"
+         + (", measured in each part; every case is set against its own part's" if meta.get("parts") else "")),
         (f"- Timing: median of at least {meta['timing']['rounds']} timed calls (more until ~{meta['timing']['min_time']} s) after "
          f"{meta['timing']['warmup']} warm-up call(s), one run; ")
         + ("CUDA events around each call, L2 flushed before it. " if gpu else "time.perf_counter around each call. ")
@@ -726,6 +735,12 @@ def render_markdown(report: dict) -> str:
         "- Peak memory: " + ("torch.cuda.max_memory_allocated above what was allocated before the call."
                              if gpu else "torch allocations live during one call (torch.profiler memory events; "
                              "kernels' std::vector scratch not included)."),
+    ]
+    if meta.get("parts"):
+        out += [f"- Merged from {len(meta['parts'])} runs on this device and commit; speed-ups compare cases of one run:"]
+        out += [f"  - `{part['file']}`: `{part['command']}` ({part['date']}, copy {part['copy']['gbps']:.1f} GB/s)"
+                for part in meta["parts"]]
+    out += [
         "",
         "## Goals",
         "",
@@ -752,11 +767,11 @@ def render_markdown(report: dict) -> str:
         for r in rows:
             cells = [r["shape"], r["pass"], r["dtype"], r["backend"]]
             if r["status"] != "ok":
-                out.append("| " + " | ".join(cells + ["failed"] + [""] * (len(columns) - 6) + [r["reason"]]) + " |")
+                out.append("| " + " | ".join(cells + [r["status"]] + [""] * (len(columns) - 6) + [r["reason"]]) + " |")
                 continue
             cells += [_num(r["median_ms"]), _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] else ""), _num(r["bytes"] / 1e6)]
             if gpu:
-                cells += [_num(r["gbps"]), f"{100 * r['gbps'] / meta['copy']['gbps']:.0f}%"]
+                cells += [_num(r["gbps"]), f"{100 * r['gbps'] / _copy_gbps(r, meta):.0f}%"]
             cells.append(_num(None if r["peak_bytes"] is None else r["peak_bytes"] / 1e6))
             cells.append(f"compiled in {r['compile_s']:.1f} s" if r.get("compile_s") is not None else r.get("peak_note", ""))
             out.append("| " + " | ".join(cells) + " |")
@@ -773,7 +788,7 @@ def render_markdown(report: dict) -> str:
                     "| variant | median ms | vs source_only | LSR overhead | peak MB |", "|---|---:|---:|---:|---:|"]
             for s in report["steps"]:
                 if s["status"] != "ok":
-                    out.append(f"| {s['variant']} | failed: {s['reason']} | | | |")
+                    out.append(f"| {s['variant']} | {s['status']}: {s['reason']} | | | |")
                     continue
                 overhead = _fmt(s["lsr_overhead_pct"], ".1f")
                 out.append(f"| {s['variant']} | {_num(s['median_ms'])} | {_fmt(s['vs_source_only'], '.2f')}x | "
@@ -852,6 +867,88 @@ def write_report(report: dict, out_dir: str) -> Dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Merging the reports of a run split into parts (a GPU lent for calls of at most a few minutes)
+
+CASE_KEY = ("op", "shape", "pass", "dtype", "backend")
+SAME_IN_EVERY_PART = ("device", "device_type", "versions", "value_checks")
+
+
+def merge_reports(parts: Sequence[Tuple[str, dict]]) -> dict:
+    """One report from ``[(file name, report), ...]`` of runs on one device and commit.
+
+    Cases and training steps are taken as measured (speed-ups stay within their own run, so split
+    a run by shape or op, not by backend); each case keeps the copy bandwidth of its own run. A
+    case one part did not run (its time budget was spent) is taken from the part that ran it. A
+    case measured in two parts, steps in two parts, or parts of different devices, versions or
+    commits are errors naming the files.
+    """
+    if len(parts) < 2:
+        raise ValueError(f"--merge needs at least two reports, got {len(parts)}")
+    first_name, first = parts[0]
+    seen: Dict[tuple, str] = {}
+    measured, not_run = {}, {}
+    steps, skipped, step_notes, part_meta = [], {}, [], []
+    steps_from = None
+    for name, report in parts:
+        for key in ("meta", "results", "steps", "step_note", "skipped"):
+            if key not in report:
+                raise ValueError(f"{name}: not an lsr-fast bench report (no {key!r})")
+        meta = report["meta"]
+        for key in SAME_IN_EVERY_PART:
+            if meta.get(key) != first["meta"].get(key):
+                raise ValueError(f"{name}: {key} {meta.get(key)!r} differs from {first_name}'s {first['meta'].get(key)!r}; "
+                                 "only runs on one device with one build can be merged")
+        for r in report["results"]:
+            key = tuple(r[k] for k in CASE_KEY)
+            if r["status"] == "not run":
+                not_run.setdefault(key, r)
+                continue
+            if key in seen:
+                raise ValueError(f"{name}: case {'-'.join(key)} was also measured in {seen[key]}; merge parts that "
+                                 "split the cases (by --shapes or --ops)")
+            seen[key] = name
+            measured[key] = dict(r, copy_gbps=r.get("copy_gbps") or meta["copy"]["gbps"])
+        if report["steps"]:
+            if steps_from is not None:
+                raise ValueError(f"{name}: training steps were also measured in {steps_from}; keep them in one part")
+            steps, steps_from = report["steps"], name
+        if report["step_note"]:
+            step_notes.append(report["step_note"])
+        for what, why in report["skipped"].items():
+            if skipped.get(what, why) != why:
+                raise ValueError(f"{name}: {what} is left out for {why!r} but for {skipped[what]!r} in an earlier part")
+            skipped[what] = why
+        part_meta.append(dict(file=name, command=meta["command"], date=meta["date"], copy=meta["copy"], timing=meta["timing"]))
+    meta = dict(first["meta"], date=max(p["date"] for p in part_meta), parts=part_meta,
+                command="lsr-fast bench --merge " + " ".join(p["file"] for p in part_meta))
+    results = list(measured.values()) + [r for key, r in not_run.items() if key not in measured]
+    merged = dict(meta=meta, results=results, steps=steps, step_note=" ".join(step_notes) if not steps else "", skipped=skipped)
+    merged["goals"] = evaluate_goals(merged)
+    return merged
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    given = [name for name in MEASURING if getattr(args, name, None) not in (None, False, "auto")]
+    if given:
+        raise SystemExit("lsr-fast bench: --merge measures nothing, so it takes no "
+                         + ", ".join("--" + name.replace("_", "-") for name in given))
+    parts = []
+    for path in args.merge:
+        try:
+            with open(path) as f:
+                parts.append((path, json.load(f)))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"lsr-fast bench --merge: cannot read {path}: {error}") from None
+    try:
+        report = merge_reports(parts)
+    except ValueError as error:
+        raise SystemExit(f"lsr-fast bench --merge: {error}") from None
+    for path in write_report(report, args.out).values():
+        print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -883,6 +980,9 @@ def _positive(kind: type, name: str, minimum) -> Callable[[str], object]:
 
 QUICK = dict(shapes=["small"], rounds=5, warmup=1, min_time=0.25, step_size="tiny", step_rounds=2)
 DEFAULTS = dict(shapes=list(DEFAULT_SHAPES), rounds=10, warmup=3, min_time=1.0, step_rounds=10)
+LISTS = dict(ops=list(OPS) + [STEP], backends=list(BACKENDS), passes=list(PASSES), dtypes=list(DTYPES))
+MEASURING = ("quick", "device", "ops", "backends", "shapes", "passes", "dtypes", "step_size", "rounds", "warmup",
+             "min_time", "step_rounds", "time_budget", "value_checks")  # options --merge refuses
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -891,17 +991,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="small shapes, a tiny training step and few rounds (a smoke run); explicit options win")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run (default: cuda when visible, else cpu)")
-    parser.add_argument("--ops", type=_list_of("--ops", tuple(OPS) + (STEP,)), default=list(OPS) + [STEP],
+    parser.add_argument("--ops", type=_list_of("--ops", tuple(OPS) + (STEP,)), default=None,
                         help=f"comma-separated ops (default all): {', '.join(OPS)}, {STEP}")
-    parser.add_argument("--backends", type=_list_of("--backends", BACKENDS), default=list(BACKENDS),
+    parser.add_argument("--backends", type=_list_of("--backends", BACKENDS), default=None,
                         help="comma-separated backends (default all usable here): " + ", ".join(BACKENDS)
                         + "; compile = torch.compile(reference)")
     parser.add_argument("--shapes", type=_list_of("--shapes", tuple(SHAPES)), default=None,
                         help=f"comma-separated shapes (default {','.join(DEFAULT_SHAPES)}; --quick: small): "
                         + ", ".join(f"{k} {s.H}x{s.W}->{s.h}x{s.w} K={s.K} C={s.C}" for k, s in SHAPES.items()))
-    parser.add_argument("--passes", type=_list_of("--passes", PASSES), default=list(PASSES),
+    parser.add_argument("--passes", type=_list_of("--passes", PASSES), default=None,
                         help="comma-separated: fwd, fwd+bwd (default both)")
-    parser.add_argument("--dtypes", type=_list_of("--dtypes", DTYPES), default=list(DTYPES),
+    parser.add_argument("--dtypes", type=_list_of("--dtypes", DTYPES), default=None,
                         help="comma-separated: float32, bfloat16 (default both; bfloat16 on GPU only)")
     parser.add_argument("--step-size", choices=tuple(STEP_SIZES), default=None,
                         help="training-step size (default paper on GPU, small on CPU, tiny with --quick): "
@@ -915,23 +1015,33 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help=f"seconds to time per case at least (default {DEFAULTS['min_time']}; --quick {QUICK['min_time']})")
     parser.add_argument("--step-rounds", type=_positive(int, "--step-rounds", 1), default=None,
                         help=f"interleaved rounds of timed training steps (default {DEFAULTS['step_rounds']}; --quick {QUICK['step_rounds']})")
+    parser.add_argument("--time-budget", type=_positive(float, "--time-budget", 0.0), default=None, metavar="MINUTES",
+                        help="start no case after this many minutes; the cases not started are reported as 'not run' "
+                        "(default: no limit)")
     parser.add_argument("--value-checks", action="store_true",
                         help="keep the ops' value checks (label range, finiteness) on while timing (default off)")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
                         help="folder for <device>-<date>.json/.md/.png (default benchmarks/results; never overwrites)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="measure nothing: write one report from the JSON reports of several runs on one device "
+                        "and commit (a run split by --shapes or --ops); only --out may be given with it")
     return parser
 
 
 def _resolve(args: argparse.Namespace) -> dict:
     """Options with --quick and the defaults filled in."""
-    preset = QUICK if args.quick else DEFAULTS
+    preset = dict(LISTS, **(QUICK if args.quick else DEFAULTS))
     return {name: getattr(args, name) if getattr(args, name) is not None else preset.get(name)
-            for name in ("shapes", "rounds", "warmup", "min_time", "step_size", "step_rounds")}
+            for name in ("ops", "backends", "passes", "dtypes", "shapes", "rounds", "warmup", "min_time",
+                         "step_size", "step_rounds")}
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` and write the report. 0 when every case ran (a
-    torch.compile failure is recorded, not counted), 1 otherwise."""
+    torch.compile failure is recorded, not counted), 1 otherwise (a failure, or cases left for
+    the time budget)."""
+    if getattr(args, "merge", None):
+        return _run_merge(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("lsr-fast bench: --device cuda, but torch sees no CUDA device")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -940,8 +1050,15 @@ def run(args: argparse.Namespace) -> int:
     timing = dict(warmup=opts["warmup"] + (2 if device.type == "cuda" else 0), rounds=opts["rounds"], min_time=opts["min_time"])
     command = getattr(args, "command_line", None) or " ".join(["lsr-fast"] + sys.argv[1:])  # argv[1] is "bench"
 
-    todo, skipped = cases(device, args.ops, args.backends, opts["shapes"], args.passes, args.dtypes)
-    print(f"lsr-fast bench on {device_name(device)}: {len(todo)} op cases" + (f" + training step ({step_size})" if STEP in args.ops else ""))
+    todo, skipped = cases(device, opts["ops"], opts["backends"], opts["shapes"], opts["passes"], opts["dtypes"])
+    with_step = STEP in opts["ops"]
+    print(f"lsr-fast bench on {device_name(device)}: {len(todo)} op cases" + (f" + training step ({step_size})" if with_step else ""))
+    started = time.monotonic()
+    budget_s = None if args.time_budget is None else 60.0 * args.time_budget
+
+    def out_of_time() -> bool:
+        return budget_s is not None and time.monotonic() - started >= budget_s
+
     for what, why in skipped.items():
         print(f"  not measured: {what}: {why}")
     checks_before = value_checks_enabled()
@@ -951,7 +1068,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"copy bandwidth: {copy['gbps']:.1f} GB/s")
         results = []
         for i, case in enumerate(todo, 1):
+            if out_of_time():
+                results.append(dict(op=case.op, shape=case.shape, dtype=case.dtype, backend=case.backend, status="not run",
+                                    reason=f"time budget of {args.time_budget:g} min spent", **{"pass": case.pass_name}))
+                continue
             result = run_case(case, device, timing)
+            result["copy_gbps"] = copy["gbps"]
             results.append(result)
             add_speedups(results)
             if result["status"] == "ok":
@@ -963,9 +1085,13 @@ def run(args: argparse.Namespace) -> int:
                 torch.cuda.empty_cache()
             gc.collect()
         _inputs_cache.clear()
-        steps, step_note = [], ""
-        if STEP in args.ops:
-            steps, step_note = _run_steps(device, args.backends, step_size, opts)
+        steps, step_note, step_not_run = [], "", False
+        if with_step and out_of_time():
+            step_not_run = True
+            step_note = f"Training step not run: the time budget of {args.time_budget:g} min was spent."
+            print(step_note)
+        elif with_step:
+            steps, step_note = _run_steps(device, opts["backends"], step_size, opts)
     finally:
         lsr_fast.set_value_checks(checks_before)
 
@@ -981,8 +1107,11 @@ def run(args: argparse.Namespace) -> int:
     paths = write_report(report, args.out)
     for path in paths.values():
         print(f"wrote {path}")
-    hard_failures = [r for r in results + steps if r["status"] != "ok" and r.get("backend") != "compile"]
-    return 1 if hard_failures else 0
+    not_run = sum(r["status"] == "not run" for r in results) + step_not_run
+    if not_run:
+        print(f"time budget spent: {not_run} case(s) not run")
+    hard_failures = [r for r in results + steps if r["status"] == "failed" and r.get("backend") != "compile"]
+    return 1 if hard_failures or not_run else 0
 
 
 def _run_steps(device: torch.device, backends: Sequence[str], size: str, opts: dict) -> Tuple[List[dict], str]:

@@ -108,6 +108,71 @@ def test_compile_failure_is_recorded_not_raised(tmp_path, monkeypatch):
     assert "simulated" in (tmp_path / (stem + ".md")).read_text()
 
 
+def test_spent_time_budget_reports_cases_as_not_run(tmp_path):
+    args = QUICK + ["--ops", "hist_downsample,train_step", "--backends", "reference", "--time-budget", "0", "--out", str(tmp_path)]
+    assert bench.main(args) == 1  # not every case ran
+    _, (stem,) = report_files(tmp_path)
+    report = json.loads((tmp_path / (stem + ".json")).read_text())
+    assert [(r["op"], r["status"]) for r in report["results"]] == [("hist_downsample", "not run")]
+    assert "time budget of 0 min" in report["results"][0]["reason"]
+    assert report["steps"] == [] and "time budget" in report["step_note"]
+    markdown = (tmp_path / (stem + ".md")).read_text()
+    assert "| tiny | fwd | int64 | reference | not run |" in markdown
+
+
+def quick_report(tmp_path, name, ops, *extra):
+    out = tmp_path / name
+    code = bench.main(QUICK + ["--ops", ops, "--backends", "reference", "--out", str(out), *extra])
+    (stem,) = report_files(out)[1]
+    return code, str(out / (stem + ".json"))
+
+
+def test_merge_joins_parts_split_by_op(tmp_path):
+    _, first = quick_report(tmp_path, "a", "hist_downsample,maxsquare_loss")
+    _, second = quick_report(tmp_path, "b", "losses,train_step")
+    assert bench.main(["--merge", first, second, "--out", str(tmp_path / "merged")]) == 0
+    names, (stem,) = report_files(tmp_path / "merged")
+    assert len(names) == 3
+    merged = json.loads((tmp_path / "merged" / (stem + ".json")).read_text())
+    parts = [json.loads(open(path).read()) for path in (first, second)]
+    assert merged["results"] == [dict(r, copy_gbps=p["meta"]["copy"]["gbps"]) for p in parts for r in p["results"]]
+    assert merged["steps"] == parts[1]["steps"] and merged["steps"]
+    assert [p["file"] for p in merged["meta"]["parts"]] == [first, second]
+    assert merged["meta"]["command"] == f"lsr-fast bench --merge {first} {second}"
+    markdown = (tmp_path / "merged" / (stem + ".md")).read_text()
+    for heading in ("### hist_downsample", "### maxsquare_loss", "### losses", "## Training step"):
+        assert heading in markdown
+    assert parts[0]["meta"]["command"] in markdown and parts[1]["meta"]["command"] in markdown
+
+
+def test_merge_takes_a_case_not_run_from_the_part_that_ran_it(tmp_path):
+    code, spent = quick_report(tmp_path, "a", "hist_downsample,maxsquare_loss", "--time-budget", "0")
+    assert code == 1
+    _, ran = quick_report(tmp_path, "b", "maxsquare_loss")
+    merged = bench.merge_reports([(spent, json.loads(open(spent).read())), (ran, json.loads(open(ran).read()))])
+    status = {(r["op"], r["pass"]): r["status"] for r in merged["results"]}
+    assert status == {("hist_downsample", "fwd"): "not run", ("maxsquare_loss", "fwd"): "ok", ("maxsquare_loss", "fwd+bwd"): "ok"}
+
+
+def test_merge_refuses_overlap_other_devices_and_measuring_options(tmp_path, capsys):
+    _, first = quick_report(tmp_path, "a", "hist_downsample")
+    _, second = quick_report(tmp_path, "b", "hist_downsample")
+    with pytest.raises(SystemExit, match=f"{second}: case hist_downsample-tiny-fwd-int64-reference was also measured in {first}"):
+        bench.main(["--merge", first, second, "--out", str(tmp_path / "merged")])
+    report = json.loads(open(second).read())
+    report["meta"]["device"] = "nvidia-h100"
+    report["results"] = []
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match=f"{other}: device 'nvidia-h100' differs"):
+        bench.main(["--merge", first, str(other), "--out", str(tmp_path / "merged")])
+    with pytest.raises(SystemExit, match="takes no --shapes"):
+        bench.main(["--merge", first, second, "--shapes", "tiny"])
+    with pytest.raises(SystemExit, match="cannot read .*missing.json"):
+        bench.main(["--merge", first, str(tmp_path / "missing.json")])
+    assert not (tmp_path / "merged").exists()
+
+
 @pytest.mark.parametrize("option, value", [("--ops", "nope"), ("--backends", "cuda,nope"), ("--shapes", "huge"),
                                            ("--rounds", "0"), ("--min-time", "-1"), ("--dtypes", "float16")])
 def test_bad_options_are_named(option, value, capsys):
@@ -163,6 +228,17 @@ def test_gpu_report_renders_and_judges_goals():
     markdown = bench.render_markdown(report)
     assert "| GB/s | % copy |" in markdown and "OutOfMemoryError: made up" in markdown
     assert bench.render_chart(report).startswith(b"\x89PNG")
+
+    # Merged from two runs whose copy bandwidths differ: each case is judged against its own run's.
+    part_b = dict(report, meta=dict(report["meta"], copy=dict(bytes=2**31, median_ms=1.0, gbps=1900.0)),
+                  results=[dict(r, shape="cityscapes") for r in results if r["backend"] in ("reference", "cuda")], steps=[])
+    part_a = dict(report, results=[r for r in results if r["backend"] in ("reference", "cuda")])
+    merged = bench.merge_reports([("a.json", part_a), ("b.json", part_b)])
+    goals = {g["goal"]: g for g in merged["goals"]}
+    share = goals["cuda losses: share of copy bandwidth (measured per part)"]
+    assert share["met"] is True and share["measured"] == "worst 72% (gta5 fwd float32) of 4 cases"  # 1800 / 2500
+    markdown = bench.render_markdown(merged)  # 1800 GB/s is 72% of part a's copy, 95% of part b's
+    assert "| 72% |" in markdown and "| 95% |" in markdown and "copy 1900.0 GB/s" in markdown
 
 
 # ---- the fused kernels stay small ------------------------------------------------------------
