@@ -128,3 +128,72 @@ def test_env_flags_are_strict(monkeypatch):
         setup.env_flag("LSR_FAST_CUDA")
     monkeypatch.setenv("LSR_FAST_CUDA", "0")
     assert setup.env_flag("LSR_FAST_CUDA") is False
+
+
+# ---- scripts/check_triton_compile.py ---------------------------------------------------------
+
+PLANTED_KERNELS = '''
+import importlib.util, os, sys
+import torch, triton, triton.language as tl
+
+
+@triton.jit
+def scale(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offsets, 2.0 * tl.load(x_ptr + offsets))
+
+
+@triton.jit
+def early_exit(x_ptr, n):  # Python runs `break`; Triton's compiler does not support it
+    for i in range(n):
+        if i == 3:
+            break
+        tl.store(x_ptr + i, 5.0)
+
+
+x = torch.ones(64)
+
+
+def exercise():
+    scale[(1,)](x, x, BLOCK=64)
+    early_exit[(1,)](x, 8)
+    return 2
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    exercise()
+    print("interpreted:", x[:5].tolist())
+else:
+    spec = importlib.util.spec_from_file_location("check", sys.argv[1])
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    compiler = check.compile_only([90], exercise)
+    assert (x == 1).all(), "a kernel was launched"
+    for (name, arch, _), error in sorted(compiler.done.items(), key=str):
+        print(name.split(".")[-1], arch, "failed" if error else "ok")
+'''
+
+
+def test_triton_compile_check_compiles_for_a_gpu_and_catches_what_the_interpreter_accepts(tmp_path):
+    """The compile-only check (scripts/check_triton_compile.py, run by CI over every kernel of the
+    Triton backend) compiles for sm_90 without a GPU, launches nothing, and reports a kernel that
+    Triton's interpreter runs but its compiler rejects (a `break` in a loop)."""
+    pytest.importorskip("triton")
+    program = tmp_path / "planted.py"
+    program.write_text(PLANTED_KERNELS)
+    script = os.path.join(ROOT, "scripts", "check_triton_compile.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    interpreted = subprocess.run([sys.executable, str(program), script], capture_output=True, text=True,
+                                 env=dict(env, TRITON_INTERPRET="1"), timeout=300)
+    assert interpreted.returncode == 0, interpreted.stderr[-3000:]
+    assert "interpreted: [5.0, 5.0, 5.0, 2.0, 2.0]" in interpreted.stdout  # scale, then early_exit up to its break
+
+    done = subprocess.run([sys.executable, str(program), script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert "sm_90: 2 op calls, 2 kernel specialisations (every autotuning config)" in lines
+    assert sorted(line for line in lines if line.endswith((" ok", " failed")) and not line.startswith(" ")) == [
+        "early_exit 90 failed", "scale 90 ok"]
+    assert any(line.startswith("  FAIL sm_90") and "early_exit" in line for line in lines)
+    assert list((tmp_path / "cache").rglob("scale.cubin")), "no cubin was written"
