@@ -1,7 +1,8 @@
 """Builds lsr_fast and its optional compiled extension ``lsr_fast._C``.
 
 The extension (csrc/) is built when torch and a C++ compiler are present. Its CUDA sources
-(csrc/cuda/*.cu) are added when torch is a CUDA build and a CUDA toolkit is found; the
+(csrc/cuda/*.cu) are added when torch is a CUDA build and a CUDA toolkit of the same major
+version is found (else the CPU kernels are built alone, with a warning saying why); the
 environment variable LSR_FAST_CUDA=1 forces them (a failure is then an error), =0 leaves them
 out. LSR_FAST_EXT=0 skips the extension altogether. A failed optional build prints a warning
 and leaves a working pure-Python package (the "reference" backend).
@@ -11,10 +12,12 @@ with (an isolated build would fetch another one).
 """
 
 import glob
+import json
 import os
 import re
 import shutil
 import site
+import subprocess
 import sys
 import sysconfig
 import warnings
@@ -66,6 +69,30 @@ def cuda_toolkit_root():
     return None
 
 
+def toolkit_version(root):
+    """"major.minor" of the CUDA toolkit at ``root`` (version.json, else `nvcc --version`), or None."""
+    try:
+        with open(os.path.join(root, "version.json")) as handle:
+            return ".".join(json.load(handle)["cuda"]["version"].split(".")[:2])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    try:
+        out = subprocess.run([os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found.group(1)}.{found.group(2)}" if found else None
+
+
+def cuda_version_mismatch(toolkit, toolkit_ver, torch_cuda):
+    """Why a toolkit cannot build for this torch (cpp_extension refuses another CUDA major), or ""."""
+    if toolkit_ver is None or torch_cuda is None or toolkit_ver.split(".")[0] == torch_cuda.split(".")[0]:
+        return ""
+    return (f"the CUDA toolkit at {toolkit} is {toolkit_ver} but torch was built with CUDA {torch_cuda} "
+            f"(the major versions must match: set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]}.x toolkit)")
+
+
 def nvidia_wheel_include_dirs():
     """include/ folders of the nvidia-* wheels (cuBLAS, cuSPARSE, ... headers torch's CUDA
     headers include, which a bare toolkit may lack)."""
@@ -105,9 +132,16 @@ def extension_modules():
             reasons.append(f"torch {torch.__version__} is not a CUDA build")
         if toolkit is None:
             reasons.append("no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)")
+        else:
+            mismatch = cuda_version_mismatch(toolkit, toolkit_version(toolkit), torch.version.cuda)
+            if mismatch:
+                reasons.append(mismatch)
         with_cuda = not reasons
         if force_cuda and reasons:
             sys.exit("setup.py: LSR_FAST_CUDA=1 but " + "; ".join(reasons))
+        if reasons and torch.version.cuda is not None and toolkit is not None:
+            # A CUDA build of torch with an unusable toolkit: still build the CPU kernels.
+            warnings.warn("lsr_fast: building without the CUDA kernels: " + "; ".join(reasons))
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # With no GPU to ask, cpp_extension cannot pick the architectures: Ampere and Hopper
         # SASS, plus Hopper PTX that newer GPUs can JIT-compile.

@@ -47,6 +47,18 @@ def test_unusable_backend_by_name_raises_with_the_reason(name):
         lsr_fast.hist_downsample(labels, 2, 1, backend=name)
 
 
+def test_triton_backend_loads_wherever_it_can_run():
+    """The Triton backend turns an error while setting up its kernels into "unavailable" (so an
+    old Triton cannot break `import lsr_fast`); here, with a supported Triton, that must not
+    happen, or every Triton test would silently drop out."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and no interpreter: the backend cannot run here")
+    reason = lsr_fast.available_backends()["triton"]
+    assert reason == "available" or "interpreter cannot run with NumPy" in reason, reason
+
+
 @pytest.mark.parametrize("triton_version, numpy_version, refused", [
     ("3.6.0", "2.4.6", True),   # Triton 3.6's interpreter calls int() on 1-element arrays
     ("3.6.0", "2.5.2", True),
@@ -119,6 +131,29 @@ def test_cuda_root_is_found_behind_a_wrapper_script(tmp_path, monkeypatch):
     assert load_setup_module().cuda_toolkit_root() == str(toolkit)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))  # an unusable CUDA_HOME is passed over
     assert load_setup_module().cuda_toolkit_root() == str(toolkit)
+
+
+def test_toolkit_version_from_version_json_or_nvcc(tmp_path):
+    setup = load_setup_module()
+    (tmp_path / "bin").mkdir()
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    assert setup.toolkit_version(str(tmp_path)) == "12.4"
+    (tmp_path / "version.json").write_text('{"cuda": {"name": "CUDA SDK", "version": "13.0.2"}}')
+    assert setup.toolkit_version(str(tmp_path)) == "13.0"
+    assert setup.toolkit_version(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("toolkit, torch_cuda, refused", [
+    ("13.0", "12.4", True), ("12.8", "13.0", True), ("13.0", "13.0", False), ("12.8", "12.4", False),
+    (None, "12.4", False), ("13.0", None, False),
+])
+def test_cuda_major_mismatch_is_named(toolkit, torch_cuda, refused):
+    reason = load_setup_module().cuda_version_mismatch("/opt/cuda", toolkit, torch_cuda)
+    assert bool(reason) == refused
+    if refused:
+        assert f"/opt/cuda is {toolkit}" in reason and f"CUDA {torch_cuda}" in reason and "CUDA_HOME" in reason
 
 
 def test_env_flags_are_strict(monkeypatch):

@@ -5,8 +5,7 @@ kernel: grad_features[n, k] = grad_sums[label_n, k], 0 for void vectors, written
 features' dtype and memory format (the gradient has the features' strides).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch < 2.7's custom_op cannot read string annotations.
 from typing import Tuple
 
 import torch

@@ -12,8 +12,7 @@ source dterm/d||f|| = -sign(g); target -1 where g >= 0 (autograd's clamp(min=0) 
 gradient at 0, as the C++ kernels do) else 0; f / ||f|| = 0 at ||f|| = 0.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch < 2.7's custom_op cannot read string annotations.
 from typing import Optional, Tuple
 
 import torch

@@ -19,8 +19,7 @@ in row-major order divided by the window height then width, exactly as adaptive_
 does it on the CPU, so the cells match the reference bit for bit.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch < 2.7's custom_op cannot read string annotations.
 from typing import Optional
 
 import torch

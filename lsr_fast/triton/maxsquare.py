@@ -15,8 +15,7 @@ alpha reaches the kernels as two float32 halves (hi + lo) so float64 inputs get 
 1e-15, with no tensor made from a host value.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch < 2.7's custom_op cannot read string annotations.
 import struct
 from typing import Tuple
 
