@@ -23,7 +23,7 @@ shift
 
 say() { printf '[gpu_session %s] %s\n' "$stage" "$*"; }
 
-built_extension() { ls lsr_fast/_C*.so 2>/dev/null | head -n 1; }
+built_extension() { compgen -G "lsr_fast/_C*.so" | head -n 1 || true; }
 # A hash of what the build reads: each call re-sends the tree (new mtimes), so a warm machine's
 # build is reused only when the sources are the same.
 STAMP=build/gpu-session.stamp
