@@ -4,7 +4,8 @@
     python scripts/check_triton_compile.py --arch 90 -v # one architecture, list every kernel
 
 Triton's interpreter (what the tests use without a GPU) runs kernels in NumPy and accepts much
-that the compiler rejects (tl.dot shapes, dtype rules, unsupported instructions). This script
+that the compiler rejects (Python control flow such as `break`, type rules, instructions a
+target lacks). This script
 runs each op of the Triton backend through the public API on CPU tensors, as a GPU run would
 launch it, but with Triton's driver replaced by a stand-in that reports a GPU of the chosen
 architecture, so every kernel specialisation is compiled by Triton's own compiler (TTIR ->
@@ -17,7 +18,8 @@ bfloat16, float64), layouts (NCHW, channels_last, (N, K) rows, strided views), c
 widths (C = 4/16/19/40, K = 3/64/2048), sizes that are and are not multiples of 16, class
 weights, both norm modes, forward and backward.
 
-Exit status 0 when every specialisation compiled, 1 otherwise (each failure is printed with
+Compiled kernels go to a fresh temporary Triton cache (removed at exit) unless TRITON_CACHE_DIR
+is set. Exit status 0 when every specialisation compiled, 1 otherwise (each failure is printed with
 the kernel, its constants and the compiler's message). Uses private Triton internals
 (``triton.runtime.driver``, ``JITFunction._do_compile``); fails with a clear message when this
 Triton no longer has them.
@@ -26,13 +28,21 @@ Triton no longer has them.
 from __future__ import annotations
 
 import argparse
+import atexit
+import inspect
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("check_triton_compile: unset TRITON_INTERPRET (this compiles the kernels; the interpreter compiles nothing)")
+if __name__ == "__main__" and not os.environ.get("TRITON_CACHE_DIR"):
+    # A fresh cache, so every kernel is compiled now rather than read from an earlier run's cubins.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="lsr_fast_triton_check_")
+    atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], True)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -43,6 +53,11 @@ try:
     from triton.runtime.jit import JITFunction
 except ImportError as error:  # pragma: no cover - depends on the Triton release
     sys.exit(f"check_triton_compile: this Triton ({triton.__version__}) lacks an internal the check needs: {error}")
+
+_EXPECTED = ["self", "key", "signature", "device", "constexprs", "options", "attrs", "warmup"]
+if list(inspect.signature(JITFunction._do_compile).parameters) != _EXPECTED:  # pragma: no cover
+    sys.exit(f"check_triton_compile: this Triton ({triton.__version__}) has another JITFunction._do_compile "
+             f"{inspect.signature(JITFunction._do_compile)}; the check was written for triton 3.6 to 3.9")
 
 
 class CompileOnlyDriver:
