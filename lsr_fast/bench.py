@@ -885,8 +885,8 @@ def merge_reports(parts: Sequence[Tuple[str, dict]]) -> dict:
     if len(parts) < 2:
         raise ValueError(f"--merge needs at least two reports, got {len(parts)}")
     first_name, first = parts[0]
-    seen: Dict[tuple, str] = {}
-    measured, not_run = {}, {}
+    measured: Dict[tuple, Tuple[str, dict]] = {}  # case -> (part it came from, result)
+    not_run: Dict[tuple, dict] = {}
     steps, skipped, step_notes, part_meta = [], {}, [], []
     steps_from = None
     for name, report in parts:
@@ -903,11 +903,10 @@ def merge_reports(parts: Sequence[Tuple[str, dict]]) -> dict:
             if r["status"] == "not run":
                 not_run.setdefault(key, r)
                 continue
-            if key in seen:
-                raise ValueError(f"{name}: case {'-'.join(key)} was also measured in {seen[key]}; merge parts that "
-                                 "split the cases (by --shapes or --ops)")
-            seen[key] = name
-            measured[key] = dict(r, copy_gbps=r.get("copy_gbps") or meta["copy"]["gbps"])
+            if key in measured:
+                raise ValueError(f"{name}: case {'-'.join(key)} was also measured in {measured[key][0]}; merge parts "
+                                 "that split the cases (by --shapes or --ops)")
+            measured[key] = (name, dict(r, copy_gbps=_copy_gbps(r, meta)))
         if report["steps"]:
             if steps_from is not None:
                 raise ValueError(f"{name}: training steps were also measured in {steps_from}; keep them in one part")
@@ -921,7 +920,7 @@ def merge_reports(parts: Sequence[Tuple[str, dict]]) -> dict:
         part_meta.append(dict(file=name, command=meta["command"], date=meta["date"], copy=meta["copy"], timing=meta["timing"]))
     meta = dict(first["meta"], date=max(p["date"] for p in part_meta), parts=part_meta,
                 command="lsr-fast bench --merge " + " ".join(p["file"] for p in part_meta))
-    results = list(measured.values()) + [r for key, r in not_run.items() if key not in measured]
+    results = [r for _, r in measured.values()] + [r for key, r in not_run.items() if key not in measured]
     merged = dict(meta=meta, results=results, steps=steps, step_note=" ".join(step_notes) if not steps else "", skipped=skipped)
     merged["goals"] = evaluate_goals(merged)
     return merged

@@ -106,9 +106,9 @@ class Compiler:
             if self.verbose:
                 print(f"  ok   sm_{target.arch} {name} {constants}")
         except Exception as error:  # noqa: BLE001 - every compiler error is a finding
-            message = "".join(traceback.format_exception_only(type(error), error)).strip()
-            self.done[entry] = f"{name} (sm_{target.arch}) constants {constants}:\n    {message[-1500:]}"
-            print(f"  FAIL sm_{target.arch} {name} {constants}\n    {message[-1500:]}")
+            message = "".join(traceback.format_exception_only(type(error), error)).strip()[-1500:]
+            self.done[entry] = f"{name} (sm_{target.arch}) constants {constants}:\n    {message}"
+            print(f"  FAIL sm_{target.arch} {name} {constants}\n    {message}")
         self.seconds += time.perf_counter() - start
         return None  # no kernel: JITFunction.run returns before launching
 
@@ -231,13 +231,11 @@ def _forget_compiled_kernels() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isinstance() touches deprecated attributes of some modules
-        objects = gc.get_objects()
-        kernels = [obj for obj in objects if isinstance(obj, (JITFunction, triton.runtime.Autotuner))]
-    for obj in kernels:
-        if isinstance(obj, JITFunction):
-            obj.device_caches.clear()
-        elif isinstance(obj, triton.runtime.Autotuner):
-            obj.cache.clear()
+        for obj in gc.get_objects():
+            if isinstance(obj, JITFunction):
+                obj.device_caches.clear()
+            elif isinstance(obj, triton.runtime.Autotuner):
+                obj.cache.clear()
 
 
 if __name__ == "__main__":

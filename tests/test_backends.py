@@ -69,9 +69,8 @@ def test_triton_backend_loads_wherever_it_can_run():
     ("3.6.0", "", False),        # no NumPy: nothing to say
 ])
 def test_triton_interpreter_version_problem(triton_version, numpy_version, refused):
-    triton_backend = pytest.importorskip("lsr_fast.triton")
-    if not hasattr(triton_backend, "OPS"):
-        pytest.skip("triton is not installed")
+    from lsr_fast import triton as triton_backend  # importable without triton; the check is plain Python
+
     reason = triton_backend._interpreter_problem(triton_version, numpy_version)
     assert bool(reason) == refused
     if refused:
