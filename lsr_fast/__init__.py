@@ -18,6 +18,7 @@ from .ops import (
     perpendicularity_loss,
     pseudo_label_downsample,
     set_value_checks,
+    value_checks,
 )
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "set_value_checks",
+    "value_checks",
     "hist_downsample",
     "pseudo_label_downsample",
     "class_feature_stats",

@@ -13,12 +13,13 @@ import torch
 
 from . import _checks as check
 from ._backends import BACKENDS, available_backends, resolve
-from ._checks import set_value_checks
+from ._checks import set_value_checks, value_checks
 
 __all__ = [
     "BACKENDS",
     "available_backends",
     "set_value_checks",
+    "value_checks",
     "hist_downsample",
     "pseudo_label_downsample",
     "class_feature_stats",

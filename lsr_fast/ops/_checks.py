@@ -8,6 +8,7 @@ training step with ``lsr_fast.ops.set_value_checks(False)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -25,6 +26,17 @@ def set_value_checks(enabled: bool) -> None:
 
 def value_checks_enabled() -> bool:
     return _value_checks
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """``with value_checks(False): ...`` turns the value checks off (or on) inside the block only."""
+    previous = _value_checks
+    set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
 
 
 def tensor(name: str, value) -> torch.Tensor:
