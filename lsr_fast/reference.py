@@ -97,19 +97,62 @@ def hist_downsample(
 ) -> torch.Tensor:
     """Histogram-aware downsampling of integer (B, H, W) labels to int64 (B, h, w) (Sec. 3).
 
-    Each window's class histogram comes from a one-hot map and an integral image; pixels equal
-    to ``ignore_index`` get no one-hot entry, so they do not vote.
+    Each window's class histogram comes from a one-hot map and an integral image; void pixels
+    (``ignore_index``, and values outside [0, C): see :func:`_class_index`) get no one-hot
+    entry, so they do not vote.
     """
-    labels = labels.long()
-    valid = labels != ignore_index
     # Void pixels point at an extra class C that is dropped before counting. The one-hot map is
     # scattered straight into (B, C, H, W) int32, the layout the prefix sums want.
-    index = torch.where(valid, labels, torch.full_like(labels, num_classes))
+    index = _class_index(labels, num_classes, ignore_index)
     B, H, W = labels.shape
+    window_pixels = _max_window(H, size[0]) * _max_window(W, size[1])
+    if (num_classes + 1) * H * W * 4 > size[0] * size[1] * window_pixels**2:
+        # Many classes: a one-hot map would outgrow the pairwise comparison within each window.
+        return _hist_downsample_pairwise(index, size, num_classes, threshold, ignore_index, class_weights)
     one_hot = torch.zeros(B, num_classes + 1, H, W, dtype=torch.int32, device=labels.device)
     one_hot = one_hot.scatter_(1, index.unsqueeze(1), 1)[:, :num_classes]
     counts = window_counts(one_hot, size)
     return _peak_ratio_decision(counts, threshold, ignore_index, class_weights)
+
+
+def _max_window(in_size: int, out_size: int) -> int:
+    """The largest window extent of :func:`window_bounds`, from integers (no tensor read)."""
+    return max(((i + 1) * in_size + out_size - 1) // out_size - (i * in_size) // out_size for i in range(out_size))
+
+
+def _hist_downsample_pairwise(
+    index: torch.Tensor, size: Tuple[int, int], num_classes: int, threshold: float, ignore_index: int,
+    class_weights: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """hist_downsample for a large class count, in memory independent of it: each window's
+    pixels (padded to the largest window with void) count how many of them share their class,
+    and the same float32 decision as :func:`_peak_ratio_decision` is taken over those."""
+    B, H, W = index.shape
+    (h, w), void = size, num_classes
+
+    def taps(in_size, out_size):  # (out, extent) input positions of every window, and which exist
+        start, end = window_bounds(in_size, out_size, index.device)
+        pos = start.unsqueeze(1) + torch.arange(_max_window(in_size, out_size), device=index.device)
+        return pos.clamp(max=in_size - 1), pos < end.unsqueeze(1)
+
+    rows, row_ok = taps(H, h)
+    cols, col_ok = taps(W, w)
+    window = index[:, rows.unsqueeze(2).unsqueeze(3), cols.unsqueeze(0).unsqueeze(1)]  # (B, h, kh, w, kw)
+    exists = row_ok.unsqueeze(2).unsqueeze(3) & col_ok.unsqueeze(0).unsqueeze(1)
+    window = torch.where(exists, window, torch.full_like(window, void)).permute(0, 1, 3, 2, 4).reshape(B, h, w, -1)
+    is_class = window != void
+    counts = (window.unsqueeze(-1) == window.unsqueeze(-2)).sum(-1)  # pixels sharing each pixel's class
+    scores = counts.to(torch.float32)
+    if class_weights is not None:
+        weights = class_weights.to(device=index.device, dtype=torch.float32)
+        scores = scores * weights[window.clamp(max=num_classes - 1)]
+    scores = torch.where(is_class, scores, torch.zeros((), device=index.device))
+    n1 = scores.max(dim=-1).values
+    c1 = torch.where(is_class & (scores == n1.unsqueeze(-1)), window, torch.full_like(window, void)).min(dim=-1).values
+    # Every class outside the window scores 0, so the runner-up is at least 0.
+    n2 = torch.where(window != c1.unsqueeze(-1), scores, torch.zeros((), device=index.device)).max(dim=-1).values
+    keep = (c1 != void) & (n1 > 0) & (n2 < torch.tensor(threshold, dtype=torch.float32) * n1)
+    return torch.where(keep, c1, torch.full_like(c1, ignore_index))
 
 
 def pseudo_label_downsample(
@@ -148,9 +191,15 @@ def _as_rows(features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor
 
 
 def _class_index(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """Labels as int64 with void mapped to the extra class ``num_classes``."""
+    """Labels as int64 with void mapped to the extra class ``num_classes``.
+
+    Void is ``ignore_index`` and, in every backend, any value outside [0, C): the public ops
+    reject such values first unless the value checks are off, and then no backend indexes out
+    of bounds or disagrees with another (README, "The raw ops' input contract").
+    """
     labels = labels.long()
-    return torch.where(labels == ignore_index, torch.full_like(labels, num_classes), labels)
+    void = (labels == ignore_index) | (labels < 0) | (labels >= num_classes)
+    return torch.where(void, torch.full_like(labels, num_classes), labels)
 
 
 def class_feature_stats(

@@ -194,6 +194,7 @@ at::Tensor class_feature_stats_backward_cpu(const at::Tensor& grad_sums, const a
   constexpr const char* op = "class_feature_stats_backward";
   check_features_labels(features, labels, op);
   check_cpu(grad_sums, op, "grad_sums");
+  check_float(grad_sums, op, "grad_sums");
   TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(1) == features.size(1), op,
               ": grad_sums must be (C, K) with K = ", features.size(1), ", got shape ", grad_sums.sizes());
   const int64_t C = grad_sums.size(0);

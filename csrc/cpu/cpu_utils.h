@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "arg_checks.h"
 #include "common.h"
 #include "half_convert.h"
 
@@ -58,40 +59,31 @@ inline double scalar_value(const at::Tensor& t, const char* op, const char* name
   return t.to(at::kDouble).contiguous().data_ptr<double>()[0];
 }
 
-[[noreturn]] inline void bad_label(const char* op, int64_t value, int64_t num_classes, int64_t ignore_index) {
-  TORCH_CHECK(false, op, ": labels contain the value ", value, ", which is neither a class in [0, ", num_classes,
-              ") nor ignore_index (", ignore_index, ")");
-}
-
-// Bucket of a label value: the class in [0, C), C for ignore_index (void), C + 1 for anything else
-// (an invalid value: callers raise). Branch-free so the counting loops stay cheap.
-inline int64_t label_bucket(int64_t v, int64_t C, int64_t ignore_index) {
-  const int64_t cls = static_cast<uint64_t>(v) < static_cast<uint64_t>(C) ? v : C + 1;
-  return v == ignore_index ? C : cls;
+// Bucket of a label value: the class in [0, C), or C (void) for ignore_index and for any value
+// outside [0, C). The Python API rejects such values first (value checks on); the kernels of
+// every backend count them as void, so that no backend writes out of bounds or disagrees when
+// the checks are off (README, "The raw ops' input contract"). Branch-free.
+inline int64_t label_bucket(int64_t v, int64_t C) {
+  return static_cast<uint64_t>(v) < static_cast<uint64_t>(C) ? v : C;
 }
 
 // Labels (any integer dtype, any shape with `count` elements, row-major order) -> int32 buckets in
-// [0, C] (C = void). Raises on values that are neither a class nor ignore_index.
+// [0, C] (C = void).
 inline at::Tensor label_buckets(const at::Tensor& labels, int64_t count, int64_t C, int64_t ignore_index,
                                 const char* op) {
   TORCH_CHECK(labels.numel() == count, op, ": labels must have ", count, " elements, got ", labels.numel());
-  TORCH_CHECK(C < std::numeric_limits<int32_t>::max() - 1, op, ": too many classes (", C, ")");
+  TORCH_CHECK(C < std::numeric_limits<int32_t>::max() - 1, op, ": num_classes must be < 2^31 - 2, got ", C);
   at::Tensor src = labels.contiguous();
   at::Tensor out = at::empty({count}, labels.options().dtype(at::kInt));
   int32_t* dst = out.data_ptr<int32_t>();
+  // ignore_index inside [0, C) is a class id that must not vote: only then does it need a test.
+  const bool ignore_is_class = ignore_index >= 0 && ignore_index < C;
   AT_DISPATCH_INTEGRAL_TYPES(src.scalar_type(), "lsr_fast_label_buckets", [&] {
     const scalar_t* in = src.data_ptr<scalar_t>();
     at::parallel_for(0, count, 1 << 16, [&](int64_t begin, int64_t end) {
-      bool bad = false;
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = label_bucket(static_cast<int64_t>(in[i]), C, ignore_index);
-        bad |= b > C;
-        dst[i] = static_cast<int32_t>(b);
-      }
-      if (bad) {
-        for (int64_t i = begin; i < end; ++i) {
-          if (dst[i] > C) bad_label(op, static_cast<int64_t>(in[i]), C, ignore_index);
-        }
+        const int64_t v = static_cast<int64_t>(in[i]);
+        dst[i] = static_cast<int32_t>(ignore_is_class && v == ignore_index ? C : label_bucket(v, C));
       }
     });
   });
@@ -183,9 +175,14 @@ inline bool describe_features(const at::Tensor& t, FeatureView& v) {
   return false;
 }
 
+// A view the kernels can read AND whose gradient they can write with the same strides. An
+// overlapping input (stride 0 from expand(), or a view that reuses memory) is copied first:
+// empty_like of it is dense, so a gradient with its strides would not exist.
 inline FeatureView view_features(const at::Tensor& features, const char* op) {
   FeatureView v;
-  if (!describe_features(features, v)) {
+  if (!features.is_non_overlapping_and_dense()) {
+    TORCH_CHECK(describe_features(features.contiguous(), v), op, ": internal error describing features");
+  } else if (!describe_features(features, v)) {
     TORCH_CHECK(describe_features(features.contiguous(), v), op, ": internal error describing features");
   }
   return v;

@@ -248,13 +248,13 @@ TermsInputs check_terms_inputs(const at::Tensor& features, const at::Tensor& lab
   check_float(prototypes, op, "prototypes");
   TORCH_CHECK(prototypes.dim() == 2 && prototypes.size(1) == features.size(1), op,
               ": prototypes must be (C, K) with K = ", features.size(1), ", got shape ", prototypes.sizes());
-  TORCH_CHECK(norm_mode == kNormSource || norm_mode == kNormTarget, op,
-              ": norm_mode must be 0 (source) or 1 (target), got ", norm_mode);
+  check_norm_mode(op, norm_mode);
   TORCH_CHECK(reference.dim() == 0, op, ": reference must be a 0-dim tensor, got shape ", reference.sizes());
   TermsInputs in;
   in.f = view_features(features, op);
   in.C = prototypes.size(0);
   in.r = scalar_value(reference, op, "reference");
+  TORCH_CHECK(std::isfinite(in.r), op, ": reference must be finite, got ", in.r);
   in.idx = label_buckets(labels, in.f.B * in.f.N, in.C, ignore_index, op);
   in.protos = prototypes.to(acc_dtype(features.scalar_type())).contiguous();
   return in;
@@ -432,6 +432,8 @@ at::Tensor feature_terms_backward_cpu(const at::Tensor& grad_sums, const at::Ten
   const int64_t C = in.C, K = in.f.K;
   check_cpu(grad_sums, op, "grad_sums");
   check_cpu(grad_sq_dist_sums, op, "grad_sq_dist_sums");
+  check_float(grad_sums, op, "grad_sums");
+  check_float(grad_sq_dist_sums, op, "grad_sq_dist_sums");
   TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(0) == C && grad_sums.size(1) == K, op,
               ": grad_sums must be (C, K) = (", C, ", ", K, "), got shape ", grad_sums.sizes());
   TORCH_CHECK(grad_sq_dist_sums.dim() == 1 && grad_sq_dist_sums.size(0) == C, op,

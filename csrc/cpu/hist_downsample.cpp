@@ -1,17 +1,43 @@
 // CPU kernel of lsr_fast::hist_downsample: histogram-aware label downsampling (DESIGN.md, Sec. 3).
 //
-// Each output cell counts the classes of its adaptive-pooling window directly into a small
-// per-thread histogram (windows are ~8x8 at the paper's 720x1280 -> 91x161, so the whole map is
-// read about once, overlaps included), then applies the float32 peak-ratio decision of
-// lsr_fast.reference. Parallel over (image, output row); every cell is computed independently,
-// so the result does not depend on the thread count.
+// Each output cell counts the classes of its adaptive-pooling window directly into a per-thread
+// histogram (windows are ~8x8 at the paper's 720x1280 -> 91x161, so the whole map is read about
+// once, overlaps included), then applies the float32 peak-ratio decision of lsr_fast.reference.
+// The histogram is sparse in use: only the classes a window touches are reset and compared, so a
+// cell costs its window's pixels whatever num_classes is. Parallel over (image, output row);
+// every cell is computed independently, so the result does not depend on the thread count.
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "cpu_utils.h"
 
 namespace lsr_fast {
 namespace cpu {
 namespace {
+
+// DESIGN.md's decision from the classes a window touched (every other class scores 0): the top
+// score n1 (lowest class on ties), the best other score n2 (0 if none, as the untouched classes
+// score 0 and scores are >= 0); keep c1 if n1 > 0 and n2 < threshold * n1. In float32, as
+// reference._peak_ratio_decision.
+inline int64_t sparse_decision(const int32_t* hist, const std::vector<int32_t>& touched, const float* weights,
+                               float threshold, int64_t ignore_index) {
+  float n1 = 0.0f;
+  int64_t c1 = -1;
+  for (const int32_t c : touched) {
+    const float s = weights ? static_cast<float>(hist[c]) * weights[c] : static_cast<float>(hist[c]);
+    if (c1 < 0 || s > n1 || (s == n1 && c < c1)) {
+      n1 = s;
+      c1 = c;
+    }
+  }
+  float n2 = 0.0f;
+  for (const int32_t c : touched) {
+    if (c == c1) continue;
+    n2 = std::max(n2, weights ? static_cast<float>(hist[c]) * weights[c] : static_cast<float>(hist[c]));
+  }
+  return (c1 >= 0 && n1 > 0.0f && n2 < threshold * n1) ? c1 : ignore_index;
+}
 
 template <typename label_t>
 void hist_downsample_kernel(const label_t* labels, int64_t B, int64_t H, int64_t W, int64_t h, int64_t w,
@@ -22,33 +48,31 @@ void hist_downsample_kernel(const label_t* labels, int64_t B, int64_t H, int64_t
     x0[j] = window_start(j, W, w);
     x1[j] = window_end(j, W, w);
   }
+  const bool ignore_is_class = ignore_index >= 0 && ignore_index < C;
   // About 64K pixels per task, so small maps do not pay for threads.
   const int64_t rows_per_cell = ceil_div(H, h) + 1;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, rows_per_cell * W));
   at::parallel_for(0, B * h, grain, [&](int64_t begin, int64_t end) {
-    // Buckets: classes [0, C), C = ignore_index (no vote), C + 1 = invalid value.
-    std::vector<int32_t> hist(C + 2);
+    // Bucket C collects void (ignore_index and values outside [0, C)); it never votes.
+    std::vector<int32_t> hist(C + 1, 0);
+    std::vector<int32_t> touched;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / h, i = r % h;
       const int64_t y0 = window_start(i, H, h), y1 = window_end(i, H, h);
       const label_t* image = labels + b * H * W;
       for (int64_t j = 0; j < w; ++j) {
-        std::fill(hist.begin(), hist.end(), 0);
+        touched.clear();
         for (int64_t y = y0; y < y1; ++y) {
           const label_t* row = image + y * W;
           for (int64_t x = x0[j]; x < x1[j]; ++x) {
-            ++hist[label_bucket(static_cast<int64_t>(row[x]), C, ignore_index)];
+            const int64_t v = static_cast<int64_t>(row[x]);
+            const int64_t c = ignore_is_class && v == ignore_index ? C : label_bucket(v, C);
+            if (hist[c]++ == 0 && c != C) touched.push_back(static_cast<int32_t>(c));
           }
         }
-        if (hist[C + 1] != 0) {  // find the offending value for the message
-          for (int64_t y = y0; y < y1; ++y) {
-            for (int64_t x = x0[j]; x < x1[j]; ++x) {
-              const int64_t v = static_cast<int64_t>(image[y * W + x]);
-              if (label_bucket(v, C, ignore_index) > C) bad_label("hist_downsample", v, C, ignore_index);
-            }
-          }
-        }
-        out[r * w + j] = peak_ratio_decision(hist.data(), C, weights, threshold, ignore_index);
+        out[r * w + j] = sparse_decision(hist.data(), touched, weights, threshold, ignore_index);
+        for (const int32_t c : touched) hist[c] = 0;
+        hist[C] = 0;
       }
     }
   });
@@ -61,22 +85,26 @@ at::Tensor hist_downsample_cpu(const at::Tensor& labels, int64_t out_h, int64_t 
   check_cpu(labels, op, "labels");
   check_labels_dtype(labels, op, "labels");
   TORCH_CHECK(labels.dim() == 3, op, ": labels must be (B, H, W), got shape ", labels.sizes());
-  TORCH_CHECK(out_h >= 1 && out_w >= 1, op, ": the output size must be positive, got (", out_h, ", ", out_w, ")");
-  TORCH_CHECK(num_classes >= 1, op, ": num_classes must be >= 1, got ", num_classes);
-  TORCH_CHECK(num_classes < std::numeric_limits<int32_t>::max() - 1, op, ": too many classes (", num_classes, ")");
   const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
-  at::Tensor out = at::empty({B, out_h, out_w}, labels.options().dtype(at::kLong));
-  if (out.numel() == 0) return out;
-  TORCH_CHECK(H >= 1 && W >= 1, op, ": labels must have a non-empty spatial size, got shape ", labels.sizes());
-
+  check_output_size(op, out_h, out_w, H, W);
+  check_hist_classes(op, num_classes);
+  check_fraction(op, "threshold", threshold);
   at::Tensor weights;
   if (class_weights.has_value() && class_weights->defined()) {
     check_cpu(*class_weights, op, "class_weights");
+    check_float(*class_weights, op, "class_weights");
     TORCH_CHECK(class_weights->dim() == 1 && class_weights->size(0) == num_classes, op,
                 ": class_weights must have shape (", num_classes, ",), got ", class_weights->sizes());
     weights = class_weights->to(at::kFloat).contiguous();
+    const float* wp = weights.const_data_ptr<float>();
+    for (int64_t c = 0; c < num_classes; ++c) {
+      TORCH_CHECK(std::isfinite(wp[c]) && wp[c] >= 0.0f, op, ": class_weights must be finite and >= 0, got ",
+                  wp[c], " for class ", c);
+    }
   }
-  const float* weight_ptr = weights.defined() ? weights.data_ptr<float>() : nullptr;
+  at::Tensor out = at::empty({B, out_h, out_w}, labels.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  const float* weight_ptr = weights.defined() ? weights.const_data_ptr<float>() : nullptr;
   at::Tensor src = labels.contiguous();
   AT_DISPATCH_INTEGRAL_TYPES(src.scalar_type(), "lsr_fast_hist_downsample_cpu", [&] {
     hist_downsample_kernel<scalar_t>(src.data_ptr<scalar_t>(), B, H, W, out_h, out_w, num_classes, weight_ptr,

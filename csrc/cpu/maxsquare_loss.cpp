@@ -75,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> maxsquare_loss_cpu(const at::Tensor& probs, d
   TORCH_CHECK(probs.dim() == 4, op, ": probs must be (B, C, H, W), got shape ", probs.sizes());
   TORCH_CHECK(probs.numel() > 0, op, ": probs must not be empty, got shape ", probs.sizes());
   TORCH_CHECK(probs.size(1) < std::numeric_limits<int32_t>::max(), op, ": too many classes (", probs.size(1), ")");
+  check_fraction(op, "alpha", alpha);
   const auto acc_type = acc_dtype(probs.scalar_type());
   at::Tensor loss = at::empty({}, probs.options().dtype(acc_type));
   at::Tensor class_weight = at::empty({probs.size(0), probs.size(1)}, probs.options().dtype(acc_type));
@@ -131,6 +132,7 @@ at::Tensor maxsquare_loss_backward_cpu(const at::Tensor& grad_loss, const at::Te
   check_cpu(probs, op, "probs");
   check_cpu(class_weight, op, "class_weight");
   check_float(probs, op, "probs");
+  check_float(class_weight, op, "class_weight");
   TORCH_CHECK(probs.dim() == 4, op, ": probs must be (B, C, H, W), got shape ", probs.sizes());
   TORCH_CHECK(class_weight.dim() == 2 && class_weight.size(0) == probs.size(0) && class_weight.size(1) == probs.size(1),
               op, ": class_weight must be (B, C) = (", probs.size(0), ", ", probs.size(1), "), got ",

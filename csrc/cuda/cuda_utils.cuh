@@ -23,6 +23,7 @@
 #include <limits>
 #include <optional>
 
+#include "arg_checks.h"
 #include "common.h"
 
 namespace lsr_fast {

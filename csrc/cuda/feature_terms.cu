@@ -27,8 +27,9 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
   TORCH_CHECK(reference.numel() == 1 && at::isFloatingType(reference.scalar_type()),
               "lsr_fast: reference must be a 0-dim floating-point tensor, got shape ", reference.sizes(), " of ",
               reference.scalar_type());
-  TORCH_CHECK(norm_mode == kNormSource || norm_mode == kNormTarget,
-              "lsr_fast: norm_mode must be 0 (source) or 1 (target), got ", norm_mode);
+  check_norm_mode("feature_terms", norm_mode);
+  TORCH_CHECK(at::isFloatingType(prototypes.scalar_type()), "feature_terms: prototypes must be a floating-point "
+              "tensor, got ", prototypes.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_terms_cuda(

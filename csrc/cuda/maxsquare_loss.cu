@@ -200,6 +200,9 @@ void check_probs(const at::Tensor& probs) {
 
 std::tuple<at::Tensor, at::Tensor> maxsquare_loss_cuda(const at::Tensor& probs, double alpha) {
   check_probs(probs);
+  // As on the CPU: an empty batch has no mean (and B = 0 would divide by zero below).
+  TORCH_CHECK(probs.numel() > 0, "maxsquare_loss: probs must not be empty, got shape ", probs.sizes());
+  check_fraction("maxsquare_loss", "alpha", alpha);
   c10::cuda::CUDAGuard guard(probs.device());
   const int64_t B = probs.size(0), C = probs.size(1), HW = probs.size(2) * probs.size(3);
   const auto acc = accumulate_type(probs.scalar_type());
@@ -254,6 +257,9 @@ at::Tensor maxsquare_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
   TORCH_CHECK(class_weight.dim() == 2 && class_weight.size(0) == B && class_weight.size(1) == C,
               "lsr_fast: class_weight must be (", B, ", ", C, "), got ", class_weight.sizes());
   TORCH_CHECK(grad_loss.numel() == 1, "lsr_fast: grad_loss must be a 0-dim tensor, got shape ", grad_loss.sizes());
+  TORCH_CHECK(at::isFloatingType(class_weight.scalar_type()) && at::isFloatingType(grad_loss.scalar_type()),
+              "maxsquare_loss_backward: class_weight and grad_loss must be floating-point tensors, got ",
+              class_weight.scalar_type(), " and ", grad_loss.scalar_type());
   c10::cuda::CUDAGuard guard(probs.device());
   BackwardTensors bt = backward_tensors(probs, /*merge_batch=*/false);
   if (bt.out.numel() == 0) return bt.out;

@@ -17,7 +17,9 @@ at::Tensor pseudo_label_downsample_cuda(const at::Tensor& probs, int64_t out_h, 
               "lsr_fast: probs must be float16, bfloat16, float32 or float64, got ", probs.scalar_type());
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
   TORCH_CHECK(C >= 1, "lsr_fast: probs must have at least one class channel (dim 1)");
-  check_window_sizes(H, W, out_h, out_w);
+  check_window_sizes("pseudo_label_downsample", H, W, out_h, out_w);
+  check_fraction("pseudo_label_downsample", "threshold", threshold);
+  check_fraction("pseudo_label_downsample", "confidence", confidence);
   c10::cuda::CUDAGuard guard(probs.device());
 
   at::Tensor out = at::empty({B, out_h, out_w}, probs.options().dtype(at::kLong));

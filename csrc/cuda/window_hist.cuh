@@ -193,9 +193,8 @@ struct WindowPlan {
   int64_t grid;
 };
 
-inline void check_window_sizes(int64_t H, int64_t W, int64_t out_h, int64_t out_w) {
-  TORCH_CHECK(out_h >= 1 && out_w >= 1 && out_h <= H && out_w <= W, "lsr_fast: the output size (", out_h, ", ",
-              out_w, ") must be at least (1, 1) and at most the input's spatial size (", H, ", ", W, ")");
+inline void check_window_sizes(const char* op, int64_t H, int64_t W, int64_t out_h, int64_t out_w) {
+  check_output_size(op, out_h, out_w, H, W);
   TORCH_CHECK(H * W < (int64_t(1) << 31), "lsr_fast: the CUDA kernels take at most 2^31 - 1 pixels per image, got ",
               H, " x ", W);
 }

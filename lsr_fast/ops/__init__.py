@@ -51,7 +51,7 @@ def hist_downsample(
     """
     check.integer_labels("labels", labels)
     check.ndim("labels", labels, (3,), "(B, H, W)")
-    check.positive_int("num_classes", num_classes)
+    check.positive_int("num_classes", num_classes, check.MAX_HIST_CLASSES)
     check.integer("ignore_index", ignore_index)
     size = check.output_size("size", size, tuple(labels.shape[1:]))
     threshold = check.fraction("threshold", threshold)

@@ -15,6 +15,12 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What every kernel reads (uint16/32/64 lack most torch ops on the CPU, e.g. aminmax).
+_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_INT64_RANGE = (-(2**63), 2**63 - 1)
+# hist_downsample's largest num_classes (csrc/arg_checks.h, kMaxHistClasses): label maps have at
+# most 16-bit class ids in practice, and it bounds the CUDA kernels' per-cell histogram work.
+MAX_HIST_CLASSES = 2**16
 _value_checks = True
 
 
@@ -42,6 +48,8 @@ def value_checks(enabled: bool):
 def tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shape only, no values); lsr_fast ops need tensors with data")
     return value
 
 
@@ -54,8 +62,8 @@ def float_tensor(name: str, value) -> torch.Tensor:
 
 def integer_labels(name: str, value) -> torch.Tensor:
     tensor(name, value)
-    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (e.g. uint8, int32, int64), got {value.dtype}")
+    if value.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of dtype uint8, int8, int16, int32 or int64, got {value.dtype}")
     return value
 
 
@@ -64,17 +72,22 @@ def ndim(name: str, value: torch.Tensor, allowed: Sequence[int], layout: str) ->
         raise ValueError(f"{name} must be {layout}, got a {value.dim()}-d tensor of shape {tuple(value.shape)}")
 
 
-def positive_int(name: str, value) -> int:
+def positive_int(name: str, value, high: int = _INT64_RANGE[1]) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
     return value
 
 
 def integer(name: str, value) -> int:
+    """A Python int that fits int64 (what the kernels take)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not _INT64_RANGE[0] <= value <= _INT64_RANGE[1]:
+        raise ValueError(f"{name} must fit in int64 [-2**63, 2**63 - 1], got {value}")
     return value
 
 

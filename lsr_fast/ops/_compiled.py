@@ -57,12 +57,23 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _same_device(op: str, **tensors) -> None:
+    """A raw call whose tensors are on different devices reaches the fake kernel when one of them
+    is a meta tensor (the Meta dispatch key wins); it must raise, not return an uninitialised
+    tensor on the first tensor's device. The device kernels check the other mixes themselves."""
+    (first, like), *rest = [(name, t) for name, t in tensors.items() if t is not None]
+    for name, t in rest:
+        if t.device != like.device:
+            raise RuntimeError(f"lsr_fast::{op}: {name} is on {t.device} but {first} is on {like.device}")
+
+
 if not _LOAD_ERROR:
 
     # ---- fake implementations: shapes and dtypes only ------------------------------------
 
     @torch.library.register_fake("lsr_fast::hist_downsample")
     def _(labels, out_h, out_w, num_classes, threshold, ignore_index, class_weights):
+        _same_device("hist_downsample", labels=labels, class_weights=class_weights)
         return labels.new_empty((labels.shape[0], out_h, out_w), dtype=torch.int64)
 
     @torch.library.register_fake("lsr_fast::pseudo_label_downsample")
@@ -71,6 +82,7 @@ if not _LOAD_ERROR:
 
     @torch.library.register_fake("lsr_fast::class_feature_stats")
     def _(features, labels, num_classes, ignore_index):
+        _same_device("class_feature_stats", features=features, labels=labels)
         acc = _accumulate_dtype(features.dtype)
         return (
             features.new_empty((num_classes, features.shape[1]), dtype=acc),
@@ -79,10 +91,12 @@ if not _LOAD_ERROR:
 
     @torch.library.register_fake("lsr_fast::class_feature_stats_backward")
     def _(grad_sums, features, labels, ignore_index):
+        _same_device("class_feature_stats_backward", features=features, labels=labels, grad_sums=grad_sums)
         return torch.empty_like(features)
 
     @torch.library.register_fake("lsr_fast::feature_terms")
     def _(features, labels, prototypes, reference, norm_mode, ignore_index):
+        _same_device("feature_terms", features=features, labels=labels, prototypes=prototypes, reference=reference)
         acc = _accumulate_dtype(features.dtype)
         num_classes = prototypes.shape[0]
         return (
@@ -95,6 +109,10 @@ if not _LOAD_ERROR:
 
     @torch.library.register_fake("lsr_fast::feature_terms_backward")
     def _(grad_sums, grad_sq, grad_norm_loss, grad_norm_sum, features, labels, prototypes, reference, norm_mode, ignore_index):
+        _same_device(
+            "feature_terms_backward", features=features, labels=labels, prototypes=prototypes, reference=reference,
+            grad_sums=grad_sums, grad_sq_dist_sums=grad_sq, grad_norm_loss_sum=grad_norm_loss, grad_norm_sum=grad_norm_sum,
+        )
         return torch.empty_like(features)
 
     @torch.library.register_fake("lsr_fast::maxsquare_loss")
@@ -104,6 +122,7 @@ if not _LOAD_ERROR:
 
     @torch.library.register_fake("lsr_fast::maxsquare_loss_backward")
     def _(grad_loss, probs, class_weight):
+        _same_device("maxsquare_loss_backward", probs=probs, grad_loss=grad_loss, class_weight=class_weight)
         return torch.empty_like(probs)
 
     # ---- autograd: every backward is one kernel --------------------------------------------
