@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -78,15 +79,19 @@ class LSRRegularizer(nn.Module):
         for name, value in (("num_classes", num_classes), ("feature_dim", feature_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # `value < 0` is False for NaN, so finiteness is checked first: a NaN or inf weight would
+        # only surface later as a NaN or inf total.
         for name, value in (
             ("lambda_cluster", lambda_cluster), ("lambda_perp", lambda_perp), ("lambda_norm", lambda_norm),
             ("lambda_entropy", lambda_entropy), ("norm_delta", norm_delta),
         ):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         for name, value in (("alpha", alpha), ("momentum", momentum), ("label_threshold", label_threshold), ("confidence", confidence)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
         if prototype_init not in ("zero", "first"):
             raise ValueError(f"prototype_init must be 'zero' (paper) or 'first', got {prototype_init!r}")
         if distributed not in ("auto", "on", "off"):
@@ -142,6 +147,41 @@ class LSRRegularizer(nn.Module):
             ignore_index=self.ignore_index, backend=self.backend,
         )
 
+    def _check_inputs(self, source_features, source_labels, target_features, target_probs) -> None:
+        """Shape checks that name forward's own arguments (the ops would name theirs: `labels`,
+        `size`, or `reference` when an empty source batch makes f-bar_s NaN). No device sync."""
+        for name, value in (("source_features", source_features), ("target_features", target_features)):
+            if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[1] != self.feature_dim:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be (B, {self.feature_dim}, h, w), got {shape}")
+            if value.numel() == 0:  # a mean over no vectors is NaN
+                raise ValueError(f"{name} must hold at least one feature vector, got shape {tuple(value.shape)}")
+        if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 4 or target_probs.shape[1] != self.num_classes:
+            shape = tuple(target_probs.shape) if isinstance(target_probs, torch.Tensor) else type(target_probs).__name__
+            raise ValueError(f"target_probs must be (B, {self.num_classes}, H, W) probabilities, got {shape}")
+        if not isinstance(source_labels, torch.Tensor) or source_labels.dim() != 3:
+            shape = tuple(source_labels.shape) if isinstance(source_labels, torch.Tensor) else type(source_labels).__name__
+            raise ValueError(f"source_labels must be a (B, H, W) integer tensor, got {shape}")
+        if source_labels.dtype.is_floating_point or source_labels.dtype.is_complex or source_labels.dtype == torch.bool:
+            raise TypeError(f"source_labels must be an integer tensor, got {source_labels.dtype}")
+        if not target_probs.dtype.is_floating_point:
+            raise TypeError(f"target_probs must be a floating-point tensor, got {target_probs.dtype}")
+        for features_name, features, name, value, layout in (
+            ("source_features", source_features, "source_labels", source_labels, "(B, H, W)"),
+            ("target_features", target_features, "target_probs", target_probs, f"(B, {self.num_classes}, H, W)"),
+        ):
+            if value.shape[0] != features.shape[0]:
+                raise ValueError(
+                    f"{name} must hold one map per image of {features_name}: batch size {features.shape[0]}, "
+                    f"got {value.shape[0]} (shape {tuple(value.shape)})"
+                )
+            (h, w), (H, W) = features.shape[2:], value.shape[-2:]
+            if H < h or W < w:  # also catches an empty map
+                raise ValueError(
+                    f"{name} must be {layout} at the resolution of {features_name} {(h, w)} or finer, "
+                    f"got spatial size {(H, W)}"
+                )
+
     def forward(
         self,
         source_features: torch.Tensor,
@@ -151,15 +191,7 @@ class LSRRegularizer(nn.Module):
     ) -> Dict[str, torch.Tensor]:
         """Source features (B, K, h, w) with labels (B, H, W) or (B, h, w); target features
         (B', K, h', w') with softmax probabilities (B', C, H', W') or (B', C, h', w')."""
-        for name, value in (("source_features", source_features), ("target_features", target_features)):
-            if not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[1] != self.feature_dim:
-                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"{name} must be (B, {self.feature_dim}, h, w), got {shape}")
-        if not isinstance(target_probs, torch.Tensor) or target_probs.dim() != 4 or target_probs.shape[1] != self.num_classes:
-            shape = tuple(target_probs.shape) if isinstance(target_probs, torch.Tensor) else type(target_probs).__name__
-            raise ValueError(f"target_probs must be (B, {self.num_classes}, H, W) probabilities, got {shape}")
-        if not isinstance(source_labels, torch.Tensor) or source_labels.dim() != 3:
-            raise ValueError("source_labels must be a (B, H, W) integer tensor")
+        self._check_inputs(source_features, source_labels, target_features, target_probs)
         source_labels = self._labels_at(source_labels, source_features.shape[2:])
         pseudo_labels = ops.pseudo_label_downsample(
             target_probs.detach(), tuple(target_features.shape[2:]), threshold=self.label_threshold,
@@ -170,7 +202,9 @@ class LSRRegularizer(nn.Module):
         if self._norm_initialised:
             f_bar = self.mean_source_norm
         else:  # first step: f-bar_s of the current batch (all ranks' batches), detached
-            norms = torch.linalg.vector_norm(source_features.detach().float(), dim=1)
+            # Accumulated as the losses are (float64 stays float64, half precision goes to float32).
+            acc = torch.float64 if source_features.dtype == torch.float64 else torch.float32
+            norms = torch.linalg.vector_norm(source_features.detach().to(acc), dim=1)
             if group is None:
                 f_bar = norms.mean()
             else:
@@ -270,6 +304,10 @@ class _AllReduceSumFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _AllReduceSumFunction.apply(grad, ctx.group), None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _all_reduce_sum(parts: List[torch.Tensor], group, differentiable: bool = False) -> List[torch.Tensor]:

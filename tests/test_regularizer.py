@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lsr_fast import LSRRegularizer, reference
-from conftest import all_params
+from conftest import fast_params
 
 V = 255
 
@@ -146,7 +146,7 @@ def test_presets_and_bad_arguments():
         reg(s, l, t, p[:, :2])
 
 
-@pytest.mark.parametrize("device,backend", all_params())
+@pytest.mark.parametrize("device,backend", fast_params())  # the reference is the other side
 def test_backends_agree_over_steps(device, backend):
     ref = LSRRegularizer(3, 4, lambda_entropy=0.1, backend="reference")
     fast = LSRRegularizer(3, 4, lambda_entropy=0.1, backend=backend).to(device)
@@ -157,3 +157,80 @@ def test_backends_agree_over_steps(device, backend):
         for key in ("total", "clustering_source", "clustering_target", "perpendicularity", "norm_source", "norm_target", "entropy"):
             torch.testing.assert_close(got[key].cpu(), want[key], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.prototypes.cpu(), ref.prototypes, rtol=1e-5, atol=1e-6)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("name,value", [
+    *[(name, value) for name in ("lambda_cluster", "lambda_perp", "lambda_norm", "lambda_entropy", "norm_delta")
+      for value in (NAN, INF, -INF, -0.5, "0.1", True)],
+])
+def test_weights_and_delta_must_be_finite_and_non_negative(name, value):
+    # NaN slipped through `value < 0` (False for NaN) and came back as a NaN total.
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number >= 0, got"):
+        LSRRegularizer(3, 4, **{name: value})
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number >= 0, got"):
+        LSRRegularizer.from_preset("gta5", feature_dim=4, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["alpha", "momentum", "label_threshold", "confidence"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF, -0.1, 1.5, None])
+def test_fractions_must_be_finite_and_in_unit_interval(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be in \[0, 1\], got"):
+        LSRRegularizer(3, 4, **{name: value})
+
+
+@pytest.mark.parametrize("value", ["255", 2.5, True, None])
+def test_ignore_index_must_be_an_int(value):
+    with pytest.raises(ValueError, match="^ignore_index must be an int, got"):
+        LSRRegularizer(3, 4, ignore_index=value)
+
+
+def test_edge_values_of_hyper_parameters_are_accepted():
+    reg = LSRRegularizer(3, 4, lambda_cluster=0, lambda_perp=0.0, lambda_norm=0, lambda_entropy=0, norm_delta=0,
+                         alpha=1, momentum=0, label_threshold=1.0, confidence=0.0, ignore_index=-1)
+    assert (reg.lambda_cluster, reg.alpha, reg.momentum, reg.confidence, reg.ignore_index) == (0.0, 1.0, 0.0, 0.0, -1)
+
+
+def _bad_inputs():
+    s, l, t, p = batch(0)  # s, t: (1, 4, 2, 3); l: (1, 2, 3); p: (1, 3, 2, 3)
+    s2, l2 = s.repeat(2, 1, 1, 1), l.repeat(2, 1, 1)
+    no_vector = r"^{} must hold at least one feature vector, got shape \({}\)"
+    too_coarse = r"^{} must be \({}\) at the resolution of {} \(2, 3\) or finer, got spatial size \({}\)"
+    one_per_image = r"^{} must hold one map per image of {}: batch size {}, got {}"
+    return [
+        # Batches with no vectors: their mean norm (f-bar_s, the target norm term) would be NaN.
+        ("empty source batch", (s[:0], l[:0], t, p), no_vector.format("source_features", "0, 4, 2, 3")),
+        ("empty source map", (s[:, :, :0], l, t, p), no_vector.format("source_features", "1, 4, 0, 3")),
+        ("empty target batch", (s, l, t[:0], p[:0]), no_vector.format("target_features", "0, 4, 2, 3")),
+        ("empty target map", (s, l, t[:, :, :, :0], p), no_vector.format("target_features", "1, 4, 2, 0")),
+        ("empty labels", (s, l[:, :0], t, p), too_coarse.format("source_labels", "B, H, W", "source_features", "0, 3")),
+        ("empty probs", (s, l, t, p[:, :, :, :0]), too_coarse.format("target_probs", "B, 3, H, W", "target_features", "2, 0")),
+        ("coarser labels", (s, l[:, :1], t, p), too_coarse.format("source_labels", "B, H, W", "source_features", "1, 3")),
+        ("coarser probs", (s, l, t, p[:, :, :, :2]), too_coarse.format("target_probs", "B, 3, H, W", "target_features", "2, 2")),
+        # Batch sizes that disagree between features and their labels / probabilities.
+        ("source features batch size", (s2, l, t, p), one_per_image.format("source_labels", "source_features", 2, 1)),
+        ("source labels batch size", (s, l2, t, p), one_per_image.format("source_labels", "source_features", 1, 2)),
+        ("target batch size", (s, l, t, p.repeat(3, 1, 1, 1)), one_per_image.format("target_probs", "target_features", 1, 3)),
+        ("labels rank", (s, l[0], t, p), r"^source_labels must be a \(B, H, W\) integer tensor, got \(2, 3\)"),
+    ]
+
+
+@pytest.mark.parametrize("what", [what for what, _, _ in _bad_inputs()])
+def test_forward_rejects_empty_and_mismatched_batches(what):
+    args, message = {w: (a, m) for w, a, m in _bad_inputs()}[what]
+    reg = LSRRegularizer(3, 4)  # lambda_entropy 0: MaxSquare's own check on probs never runs
+    with pytest.raises(ValueError, match=message):
+        reg(*args)
+    # Nothing was updated by the failed call.
+    assert reg.steps.item() == 0 and not reg.seen.any() and not reg.prototypes.any(), what
+
+
+def test_forward_rejects_wrong_dtypes_naming_the_argument():
+    s, l, t, p = batch(0)
+    reg = LSRRegularizer(3, 4)
+    with pytest.raises(TypeError, match="^source_labels must be an integer tensor, got torch.float32"):
+        reg(s, l.float(), t, p)
+    with pytest.raises(TypeError, match="^target_probs must be a floating-point tensor, got torch.int64"):
+        reg(s, l, t, p.long())
