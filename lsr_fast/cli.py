@@ -245,10 +245,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     from .train.checkpoint import CheckpointError
     from .train.config import ConfigError
+    from .train.trainer import NonFiniteLossError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError) as error:
         print(f"lsr-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
 

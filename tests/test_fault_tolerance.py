@@ -110,3 +110,44 @@ def test_two_process_gloo_training_checkpoints_and_resumes(tmp_path):
     with open(out / "metrics.jsonl") as handle:
         steps = [line for line in handle if '"train.loss"' in line]
     assert len(steps) == 3
+
+
+POISON_RANK_1 = """
+import os, sys
+import torch
+from lsr_fast.train import trainer as trainer_module
+
+real = trainer_module.TwoDomainNet.forward
+calls = {"n": 0}
+
+
+def forward(self, source, target=None):
+    (logits, features), (target_logits, target_features) = real(self, source, target)
+    calls["n"] += 1
+    if calls["n"] == 2 and os.environ["RANK"] == "1":  # NaN target probabilities on rank 1 only
+        target_logits = target_logits + torch.full_like(target_logits, float("nan"))
+    return (logits, features), (target_logits, target_features)
+
+
+trainer_module.TwoDomainNet.forward = forward
+from lsr_fast.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test runs on Linux")
+def test_two_process_gloo_a_nan_on_one_rank_skips_the_step_on_both(tmp_path):
+    # lambda_entropy 0: rank 1's NaN probabilities reach only its own pseudo-labels, so rank 0's
+    # loss stays finite and only the guard's all-rank decision makes it skip too (else rank 0
+    # would wait in DDP's gradient all-reduce for a rank that never runs backward).
+    script = tmp_path / "poison.py"
+    script.write_text(POISON_RANK_1)
+    out = tmp_path / "ddp"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *TINY, f"out_dir={out}", "train.steps=3", "train.max_nonfinite=2",
+                          "lsr.lambda_entropy=0"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step 1: non-finite loss (NaN or inf in the target probabilities), step skipped (1 in a row)" in run.stderr
+    assert "step 1: non-finite loss (NaN or inf in the loss or inputs of another rank), step skipped" in run.stderr
+    checkpoint = load_checkpoint(str(out / "last.pt"))
+    assert checkpoint["step"] == 3 and int(checkpoint["regularizer"]["steps"]) == 2  # forward 2 left no trace

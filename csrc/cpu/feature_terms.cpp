@@ -254,7 +254,6 @@ TermsInputs check_terms_inputs(const at::Tensor& features, const at::Tensor& lab
   in.f = view_features(features, op);
   in.C = prototypes.size(0);
   in.r = scalar_value(reference, op, "reference");
-  TORCH_CHECK(std::isfinite(in.r), op, ": reference must be finite, got ", in.r);
   in.idx = label_buckets(labels, in.f.B * in.f.N, in.C, ignore_index, op);
   in.protos = prototypes.to(acc_dtype(features.scalar_type())).contiguous();
   return in;

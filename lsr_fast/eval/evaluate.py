@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .metrics import (
     SUBSET_13,
     SUBSET_16,
+    as_iou,
     class_names,
     confusion_matrix,
     masr,
@@ -79,39 +80,44 @@ def evaluate(model: torch.nn.Module, dataset, num_classes: int, *, device: torch
 
 def report(confusion: torch.Tensor, *, supervised_iou: Optional[Sequence[float]] = None,
            supervised_source: str = "paper") -> Dict[str, Any]:
-    """Per-class IoU (percent), mIoU, and mASR against ``supervised_iou`` (fractions; default the
-    paper's target-only table). For 16 classes also the 13-class mIoU/mASR. Classes absent from
-    both prediction and ground truth have IoU null and are left out of the means."""
-    num_classes = confusion.shape[0]
+    """Per-class IoU (percent), mIoU, and mASR against ``supervised_iou`` (fractions in [0, 1], so
+    a percent table must be divided by 100; default the paper's target-only table). For 16
+    classes also the 13-class mIoU/mASR. Classes absent from both prediction and ground truth
+    have IoU null and are left out of the means; so are, for mASR, classes whose supervised IoU
+    is 0 or NaN (no defined ratio)."""
     iou = per_class_iou(confusion)
+    num_classes = iou.numel()
     names = class_names(num_classes)
     result: Dict[str, Any] = {
         "num_classes": num_classes,
         "per_class_iou": {n: (None if math.isnan(v) else 100.0 * v) for n, v in zip(names, iou.tolist())},
         "miou": mean_iou(iou),
-        "pixels": int(confusion.sum()),
+        "pixels": int(torch.as_tensor(confusion).sum()),
         "masr_reference": supervised_source,
     }
     supervised = None
     if supervised_iou is not None:
-        supervised = torch.as_tensor(supervised_iou, dtype=torch.float64)
+        supervised = as_iou("supervised_iou", supervised_iou)
     elif num_classes in (19, 16):
         supervised = paper_target_only_iou(num_classes)
     if supervised is not None:
         if supervised.numel() != num_classes:
-            raise ValueError(f"the supervised IoU table has {supervised.numel()} classes, the evaluation {num_classes}")
+            raise ValueError(f"supervised_iou has {supervised.numel()} classes, the evaluation {num_classes}")
         # Classes the reference never got right (IoU 0 or absent) have no defined ratio: skip them.
         usable = ~torch.isnan(supervised) & (supervised > 0)
-        adapted = torch.where(usable, iou, torch.full_like(iou, float("nan")))
-        result["masr"] = masr(adapted[usable], supervised[usable]) if bool(usable.any()) else float("nan")
+        result["masr"] = _masr_over(iou, supervised, usable)
         result["masr_classes"] = [n for n, u in zip(names, usable.tolist()) if u]
     if num_classes == 16:
         subset = [SUBSET_16.index(c) for c in SUBSET_13]
         result["miou13"] = mean_iou(iou[subset])
         if supervised is not None:
-            sub_usable = ~torch.isnan(supervised[subset]) & (supervised[subset] > 0)
-            result["masr13"] = masr(iou[subset][sub_usable], supervised[subset][sub_usable])
+            result["masr13"] = _masr_over(iou[subset], supervised[subset], usable[subset])
     return result
+
+
+def _masr_over(iou: torch.Tensor, supervised: torch.Tensor, usable: torch.Tensor) -> float:
+    """mASR over the ``usable`` classes; NaN when there is none."""
+    return masr(iou[usable], supervised[usable]) if bool(usable.any()) else float("nan")
 
 
 def markdown_table(results: Dict[str, Dict[str, Any]]) -> str:
@@ -156,6 +162,8 @@ def load_iou_table(path: str, num_classes: int) -> torch.Tensor:
         data = list(data["per_class_iou"].values())
     if not isinstance(data, list) or len(data) != num_classes:
         raise ValueError(f"IoU table {path} must be a list of {num_classes} percentages (or an eval result JSON)")
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in data):
+        raise ValueError(f"IoU table {path} must hold numbers (percentages) or null, got {data!r:.200}")
     values = [float("nan") if v is None else float(v) for v in data]
     if any(not (0 <= v <= 100) for v in values if not math.isnan(v)):
         raise ValueError(f"IoU table {path} must hold percentages in [0, 100]")

@@ -11,6 +11,9 @@ import torch
 
 from ..ops import _checks as check
 
+# The largest confusion matrix confusion_matrix builds: 16384^2 int64 counts are 2 GiB.
+MAX_CONFUSION_CLASSES = 2**14
+
 # trainId order of the 19 Cityscapes classes.
 CLASS_NAMES_19 = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "light", "sign", "vegetation",
@@ -59,36 +62,105 @@ def confusion_matrix(
     check.integer_labels("prediction", prediction)
     check.integer_labels("target", target)
     check.positive_int("num_classes", num_classes)
+    if num_classes > MAX_CONFUSION_CLASSES:
+        raise ValueError(f"num_classes must be <= {MAX_CONFUSION_CLASSES} (the matrix has C * C counts), got {num_classes}")
+    check.integer("ignore_index", ignore_index)  # an int that fits int64
     if prediction.shape != target.shape:
         raise ValueError(f"prediction has shape {tuple(prediction.shape)} but target has {tuple(target.shape)}")
     if prediction.device != target.device:
         raise ValueError(f"prediction is on {prediction.device} but target is on {target.device}")
+    # (check.integer_labels has refused meta tensors.) In int64, so that ignore_index=255 is not wrapped to -1 by an int8 comparison.
+    prediction, target = prediction.long(), target.long()
     valid = target != ignore_index
-    bad = valid & ((prediction < 0) | (prediction >= num_classes))
-    if bool(bad.any()):
-        raise ValueError(f"prediction contains the value {prediction[bad][0].item()}, outside [0, {num_classes})")
-    check.label_values("target", target, num_classes, ignore_index)
+    # Checked here whatever lsr_fast.set_value_checks says: a bad value would land in a wrong
+    # cell (or be dropped) without a word, and evaluation is not a captured training step.
+    for name, values in (("prediction", prediction), ("target", target)):
+        bad = valid & ((values < 0) | (values >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(f"{name} contains the value {values[bad][0].item()}, outside [0, {num_classes})"
+                             + (f" and not ignore_index={ignore_index}" if name == "target" else ""))
     # Ignored pixels go to an extra bin past C*C that is cut off.
-    index = torch.where(valid, target.long() * num_classes + prediction.long(), torch.full_like(target, num_classes * num_classes, dtype=torch.long))
+    index = torch.where(valid, target * num_classes + prediction, torch.full_like(target, num_classes * num_classes))
     counts = torch.bincount(index.reshape(-1), minlength=num_classes * num_classes + 1)
     return counts[: num_classes * num_classes].reshape(num_classes, num_classes)
 
 
-def per_class_iou(confusion: torch.Tensor) -> torch.Tensor:
-    """IoU_c = TP / (TP + FP + FN) as float64 fractions; NaN for a class absent from both
-    prediction and ground truth."""
-    check.tensor("confusion", confusion)
-    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
-        raise ValueError(f"confusion must be a square (C, C) matrix, got shape {tuple(confusion.shape)}")
-    confusion = confusion.to(torch.float64)
+def _as_real_tensor(name: str, value, what: str) -> torch.Tensor:
+    """A tensor, list, tuple or NumPy array of real numbers as a float64 CPU tensor."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach()
+    elif isinstance(value, (list, tuple)) or type(value).__module__ == "numpy":
+        try:
+            data = torch.as_tensor(value)
+            if data.is_floating_point() and isinstance(value, (list, tuple)):
+                data = torch.as_tensor(value, dtype=torch.float64)  # not via float32: keep every digit
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{name} must be {what} (a tensor, list or tuple of numbers), could not read it: {error}") from None
+    else:
+        raise TypeError(f"{name} must be {what} (a tensor, list or tuple of numbers), got {type(value).__name__}")
+    if data.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: {what} need values")
+    if data.dtype.is_complex or data.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers ({what}), got dtype {data.dtype}")
+    return data.to(device="cpu", dtype=torch.float64)
+
+
+def as_iou(name: str, value) -> torch.Tensor:
+    """Checks a vector of per-class IoUs and returns it as float64 on the CPU.
+
+    IoUs are fractions in [0, 1], or NaN for a class absent from both prediction and ground
+    truth; at least one class. Accepts a tensor, list, tuple or NumPy array.
+    """
+    iou = _as_real_tensor(name, value, "per-class IoUs in [0, 1]")
+    if iou.dim() != 1:
+        raise ValueError(f"{name} must be a 1-d vector of per-class IoUs, got shape {tuple(iou.shape)}")
+    if iou.numel() == 0:
+        raise ValueError(f"{name} is empty: expected one IoU per class")
+    defined = iou[~torch.isnan(iou)]
+    if bool(torch.isinf(defined).any()):
+        raise ValueError(f"{name} contains inf: IoUs are fractions in [0, 1] (NaN for a class absent from "
+                         "prediction and ground truth)")
+    if bool((defined > 1).any()):
+        raise ValueError(f"{name} has a value {defined.max().item():g} > 1: IoUs are fractions in [0, 1], "
+                         "so a table in percent must be divided by 100")
+    if bool((defined < 0).any()):
+        raise ValueError(f"{name} has a value {defined.min().item():g} < 0: IoUs are fractions in [0, 1]")
+    return iou
+
+
+def _as_confusion(name: str, value) -> torch.Tensor:
+    confusion = _as_real_tensor(name, value, "a (C, C) confusion matrix of counts")
+    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1] or confusion.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty square (C, C) matrix, got shape {tuple(confusion.shape)}")
+    if not bool(torch.isfinite(confusion).all()):
+        raise ValueError(f"{name} contains non-finite values: a confusion matrix holds pixel counts")
+    if bool((confusion < 0).any()):
+        raise ValueError(f"{name} has a negative count ({confusion.min().item():g}): a confusion matrix holds pixel counts >= 0")
+    return confusion
+
+
+def per_class_iou(confusion: Union[torch.Tensor, Sequence[Sequence[float]]]) -> torch.Tensor:
+    """IoU_c = TP / (TP + FP + FN) as float64 fractions on the CPU; NaN for a class absent from
+    both prediction and ground truth. ``confusion``: (C, C) real, finite, non-negative counts (integer
+    or float; a tensor, nested list or tuple), rows = ground truth."""
+    return _iou_from_confusion(_as_confusion("confusion", confusion))
+
+
+def _iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
     true_positive = confusion.diagonal()
     union = confusion.sum(0) + confusion.sum(1) - true_positive
-    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
+    # Float counts may sum below 1, so no clamp: union 0 (then TP 0 too) is the undefined class.
+    return torch.where(union > 0, true_positive / union, torch.full_like(union, float("nan")))
 
 
-def mean_iou(confusion_or_iou: torch.Tensor) -> float:
-    """mIoU in percent over the classes whose IoU is defined (NaN ones skipped)."""
-    iou = per_class_iou(confusion_or_iou) if confusion_or_iou.dim() == 2 else confusion_or_iou.to(torch.float64)
+def mean_iou(confusion_or_iou: Union[torch.Tensor, Sequence]) -> float:
+    """mIoU in percent over the classes whose IoU is defined (NaN ones skipped); NaN if none is.
+    Takes a (C, C) confusion matrix or a vector of C IoUs (fractions in [0, 1] or NaN)."""
+    data = _as_real_tensor("confusion_or_iou", confusion_or_iou, "a (C, C) confusion matrix or a vector of IoUs")
+    if data.dim() == 2:
+        iou = _iou_from_confusion(_as_confusion("confusion_or_iou", data))
+    else:
+        iou = as_iou("confusion_or_iou", data)
     defined = ~torch.isnan(iou)
     if not bool(defined.any()):
         return float("nan")
@@ -102,15 +174,19 @@ def masr(
     """mASR (Eq. 9) in percent: mean over classes of IoU_adapted / IoU_supervised.
 
     ``supervised_iou`` defaults to the paper's target-only table for 19, 16 or 13 classes
-    (chosen by the length of ``adapted_iou``). Both are fractions in [0, 1]. Classes whose
-    adapted IoU is NaN (absent from prediction and ground truth) are skipped; a supervised IoU
-    of zero or NaN is an error, since the ratio is then undefined.
+    (chosen by the length of ``adapted_iou``). Both are fractions in [0, 1] (divide a percent
+    table by 100; a value above 1 is an error). Classes whose adapted IoU is NaN (absent from
+    prediction and ground truth) are skipped, and NaN is returned if every one is; a supervised
+    IoU of zero or NaN is an error, since the ratio is then undefined.
     """
-    adapted = torch.as_tensor(adapted_iou, dtype=torch.float64).reshape(-1).cpu()
+    adapted = as_iou("adapted_iou", adapted_iou)
     if supervised_iou is None:
+        if adapted.numel() not in (19, 16, 13):
+            raise ValueError(f"adapted_iou has {adapted.numel()} classes; without supervised_iou mASR uses the "
+                             "paper's target-only table, which has 19, 16 or 13 classes")
         supervised = paper_target_only_iou(adapted.numel())
     else:
-        supervised = torch.as_tensor(supervised_iou, dtype=torch.float64).reshape(-1).cpu()
+        supervised = as_iou("supervised_iou", supervised_iou)
     if supervised.numel() != adapted.numel():
         raise ValueError(f"supervised_iou has {supervised.numel()} classes but adapted_iou has {adapted.numel()}")
     if bool((torch.isnan(supervised) | (supervised <= 0)).any()):
@@ -121,7 +197,8 @@ def masr(
     return float((adapted[defined] / supervised[defined]).mean()) * 100.0
 
 
-def iou_table(iou: torch.Tensor, class_names: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    """{class name: IoU in percent} for reports."""
+def iou_table(iou: Union[torch.Tensor, Sequence[float]], class_names: Optional[Sequence[str]] = None) -> Dict[str, float]:
+    """{class name: IoU in percent} for reports (NaN for an undefined class)."""
+    iou = as_iou("iou", iou)
     names = class_names or (CLASS_NAMES_19 if iou.numel() == 19 else [str(i) for i in range(iou.numel())])
     return {name: float(value) * 100.0 for name, value in zip(names, iou.tolist())}

@@ -4,8 +4,22 @@ One step (mode "lsr"): forward the source and the target batch through the netwo
 call), CE on the upsampled source logits, ``LSRRegularizer`` on the layer4 features (label
 downsampling, pseudo-labels, the fused clustering/perpendicularity/norm pass and MaxSquare on the
 compiled kernels), one backward, one SGD step. Loss values stay on the device and are read every
-``train.log_every`` steps; the only per-step host read is the non-finite-loss guard
+``train.log_every`` steps; the only per-step host read is the non-finite guard
 (``train.max_nonfinite: 0`` turns it off).
+
+The non-finite guard (``train.max_nonfinite`` > 0) runs the LSR forward with the ops' value
+checks off (``lsr_fast.value_checks(False)``): a NaN or inf in a feature map or in the target
+probabilities then raises in no op (which would end one rank while the others wait in a
+collective) but reaches the guard. Its one host read, decided the same on every rank, asks
+whether these are finite: the loss; the source and target mean feature norms (sums over every
+vector, so any bad feature shows, where the target hinge max(0, r - ||f||) would hide an inf);
+the target probabilities' min and max (with ``lambda_entropy`` 0 they reach the loss only
+through integer pseudo-labels). A non-finite step is skipped: no backward, and the buffers
+the forward changed (the regulariser's prototypes, seen mask, f-bar_s and step count; trainable
+BatchNorm statistics) are put back, so a bad batch leaves no trace. Label values stay checked:
+the cross-entropy rejects the same labels first. With the guard off the value checks stay as
+``lsr_fast.set_value_checks`` left them (on by default) and a non-finite LSR input stops the
+run with ``NonFiniteLossError`` naming the tensor and the step.
 
 Resume is exact: the checkpoint holds the model, optimiser, scheduler, grad scaler, regulariser
 buffers, RNG states, step, best/early-stop bookkeeping and config; the images and augmentations
@@ -27,6 +41,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
+from ..ops import value_checks
 from ..eval.evaluate import autocast, evaluate, report
 from . import distributed
 from .build import build_eval_dataset, build_model, build_regularizer, build_train_dataset
@@ -45,7 +60,8 @@ LOG_TERMS = ("loss", "ce", "clustering_source", "clustering_target", "perpendicu
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Too many non-finite steps in a row (or, with the guard off, one): the message says which
+    and names the last checkpoint written."""
 
 
 def versions() -> Dict[str, str]:
@@ -173,6 +189,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c["train"]["amp"] == "fp16")
 
         self.step, self.best, self.since_best, self.nonfinite, self.history = 0, None, 0, 0, []
+        self._last_checkpoint: Optional[tuple] = None  # (path, step) of the newest last.pt or the resume point
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -184,7 +201,10 @@ class Trainer:
             self.step, self.best = int(checkpoint["step"]), checkpoint["best"]
             self.since_best, self.nonfinite = int(checkpoint["early_stop"]), int(checkpoint["nonfinite"])
             self.history = list(checkpoint["history"])
+            self._last_checkpoint = (self.resume_path, self.step)
             self._print(f"resumed {self.resume_path} at step {self.step}")
+        self._forward_buffers = self._buffers_updated_by_forward()
+        self._saved_buffers = [b.detach().clone() for b in self._forward_buffers]
 
         train_role = "target" if c["mode"] == "target_only" else "source"
         self.loaders = {"labelled": self._loader(train_role, c["train"]["batch_source"])}
@@ -194,6 +214,20 @@ class Trainer:
         self.selection = {"dataset": c["data"]["val"]["name"], "split": c["data"]["val"]["split"]
                           if c["data"]["val"]["name"] == "cityscapes" else f"seed {c['data']['val']['seed']}",
                           "images": len(self.val_dataset), "metric": "mIoU"}
+
+    def _buffers_updated_by_forward(self) -> list:
+        """The buffers one training forward changes: trainable BatchNorm's running statistics and
+        the regulariser's state (after every .to(), which replaces buffer tensors)."""
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        from ..models.resnet import FrozenBatchNorm2d
+
+        buffers = [b for m in self.model.modules()
+                   if isinstance(m, _BatchNorm) and not isinstance(m, FrozenBatchNorm2d) and m.track_running_stats
+                   for b in m.buffers(recurse=False)]
+        if self.regularizer is not None:
+            buffers += list(self.regularizer.buffers())
+        return buffers
 
     def _loader(self, role: str, batch_size: int):
         dataset = build_train_dataset(self.config, role)
@@ -223,30 +257,76 @@ class Trainer:
             if target_images is not None:
                 target_images = target_images.contiguous(memory_format=torch.channels_last)
 
+        guard = c["train"]["max_nonfinite"] > 0
+        if guard and self._forward_buffers:  # device copies, no sync; put back if the step is skipped
+            torch._foreach_copy_(self._saved_buffers, self._forward_buffers)
+            norm_initialised = self.regularizer._norm_initialised if self.regularizer is not None else None
+        watched = {}  # device scalars whose finiteness the guard reads with the loss
         with autocast(device, c["train"]["amp"]):
             (logits, features), target_out = self.net(images, target_images)
-            self._last_source = (features.detach(), labels)  # for the latent-space scalars at log steps
             ce = F.cross_entropy(_upsample(logits, labels.shape[-2:]), labels, ignore_index=255)
             values = {"ce": ce.detach()}
             loss = ce
             if self.regularizer is not None:
-                target_logits, target_features = target_out
-                target_probs = torch.softmax(_upsample(target_logits, target_images.shape[-2:]), 1)
-                terms = self.regularizer(features, labels, target_features, target_probs)
+                terms, watched = self._lsr_terms(features, labels, target_out, target_images.shape[-2:], guard)
                 loss = ce + terms["total"]
                 for name in LOG_TERMS[2:]:
                     values[name] = terms[name].detach()
         values["loss"] = loss.detach()
 
         self.optimizer.zero_grad(set_to_none=True)
-        if c["train"]["max_nonfinite"] > 0:
+        if guard:
+            finite = torch.stack([torch.isfinite(loss.detach().float()),
+                                  *[torch.isfinite(v.float()).all() for v in watched.values()]])
             # The guard's host read; every rank skips together or none does.
-            if distributed.any_rank(not bool(torch.isfinite(loss)), self.env, self.device):
+            if distributed.any_rank(not bool(finite.all()), self.env, self.device):
+                if self._forward_buffers:
+                    torch._foreach_copy_(self._forward_buffers, self._saved_buffers)
+                    if self.regularizer is not None:
+                        self.regularizer._norm_initialised = norm_initialised
+                bad = [name for name, ok in zip(["loss", *watched], finite.tolist()) if not ok]
+                self._nonfinite_what = ", ".join(bad) if bad else "loss or inputs of another rank"
                 return values, False
+        self._last_source = (features.detach(), labels)  # for the latent-space scalars at log steps
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return values, True
+
+    def _lsr_terms(self, features, labels, target_out, target_size, guard: bool):
+        """The regulariser's terms, and the device values the guard checks with the loss:
+        ``(terms, watched)``."""
+        target_logits, target_features = target_out
+        target_probs = torch.softmax(_upsample(target_logits, target_size), 1)
+        if not guard:
+            try:
+                return self.regularizer(features, labels, target_features, target_probs), {}
+            except ValueError as error:
+                self._raise_if_nonfinite_inputs(error, features, target_features, target_probs)
+                raise
+        with value_checks(False):
+            terms = self.regularizer(features, labels, target_features, target_probs)
+        low, high = target_probs.detach().aminmax()  # NaN and +-inf reach min or max
+        return terms, {"source features": terms["source_mean_norm"], "target features": terms["target_mean_norm"],
+                       "target probabilities": torch.stack([low, high]).float()}
+
+    def _raise_if_nonfinite_inputs(self, error: ValueError, features, target_features, target_probs) -> None:
+        """With the guard off, an op's value check stopped the step: if it was a non-finite input,
+        say so in the trainer's terms (otherwise the caller re-raises the op's own error)."""
+        bad = [name for name, value in (("source features", features), ("target features", target_features),
+                                        ("target probabilities", target_probs))
+               if not bool(torch.isfinite(value.detach()).all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"step {self.step}: non-finite values (NaN or inf) in the {', '.join(bad)} ({error}); "
+                f"train.max_nonfinite is 0, so the non-finite guard is off and this stops the run "
+                f"(set it > 0 to skip such steps); {self._checkpoint_note()}") from error
+
+    def _checkpoint_note(self) -> str:
+        if self._last_checkpoint is None:
+            return "no checkpoint of this run has been written yet"
+        path, step = self._last_checkpoint
+        return f"last good checkpoint: {path} (step {step})"
 
     # ----------------------------------------------------------------------------- bookkeeping
     def _payload(self) -> Dict[str, Any]:
@@ -260,9 +340,12 @@ class Trainer:
         }
 
     def _save(self, name: str) -> None:
+        path = os.path.join(self.config["out_dir"], name)
         if self.env.is_main:
-            save_checkpoint(os.path.join(self.config["out_dir"], name), self._payload())
+            save_checkpoint(path, self._payload())
         distributed.barrier(self.env)
+        if name == "last.pt":
+            self._last_checkpoint = (path, self.step)
 
     def _log(self, record: Dict[str, Any]) -> None:
         if not self.env.is_main:
@@ -364,16 +447,21 @@ class Trainer:
                 values, finite = self._train_step()
                 if not finite:
                     self.nonfinite += 1
-                    warnings.warn(f"step {self.step}: non-finite loss, step skipped ({self.nonfinite} in a row)", stacklevel=2)
+                    warnings.warn(f"step {self.step}: non-finite loss (NaN or inf in the {self._nonfinite_what}), "
+                                  f"step skipped ({self.nonfinite} in a row)", stacklevel=2)
                     if self.nonfinite >= t["max_nonfinite"]:
                         raise NonFiniteLossError(
                             f"{self.nonfinite} non-finite losses in a row (train.max_nonfinite = {t['max_nonfinite']}); "
-                            f"last good checkpoint: {os.path.join(c['out_dir'], 'last.pt')}")
+                            f"{self._checkpoint_note()}")
                 else:
                     self.nonfinite = 0
                     stacked = torch.stack([values.get(k, values["loss"].new_zeros(())).float() for k in LOG_TERMS])
                     sums = stacked if sums is None else sums + stacked
-                self.scheduler.step()
+                with warnings.catch_warnings():
+                    # A skipped step advances the schedule on purpose (step s has the lr of step s
+                    # whatever was skipped before it), which torch warns about before any optimizer.step().
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                    self.scheduler.step()
                 self.step += 1
                 window_steps += 1
                 if bar is not None:
