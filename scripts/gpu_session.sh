@@ -83,7 +83,9 @@ case "$stage" in
     workers=()
     if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
     set -o pipefail
-    "$PY" -m pytest tests -q -p no:cacheprovider "${workers[@]}" --maxfail=50 --junitxml="$OUT/junit.xml" "$@" 2>&1 |
+    # Every backend must be usable on the GPU machine; the suite refuses to start otherwise.
+    LSR_FAST_REQUIRE_BACKENDS=${LSR_FAST_REQUIRE_BACKENDS-cpp,cuda,triton} \
+      "$PY" -m pytest tests -q -p no:cacheprovider "${workers[@]}" --maxfail=50 --junitxml="$OUT/junit.xml" "$@" 2>&1 |
       tee "$OUT/pytest.log"
     ;;
   sanitize)

@@ -423,5 +423,6 @@ def test_analyze_command_errors_name_the_argument(tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
     assert _command(["--checkpoint", str(afile), "--out", str(afile)]) == 2
     assert "not a folder" in capsys.readouterr().err and afile.read_text() == "mine"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error; its message goes to stderr
         _command(["--checkpoint", "a.pt", "--out", "o", "--figures", "histogram"])
+    assert "--figures" in capsys.readouterr().err

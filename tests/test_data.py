@@ -152,7 +152,7 @@ def test_lut_functions_numpy_and_torch():
         L.cityscapes_to_trainid(torch.tensor([256]))
     with pytest.raises(ValueError, match="-1"):
         L.cityscapes_to_trainid(np.array([-1]))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="labels must be an integer tensor, got torch.float32"):
         L.cityscapes_to_trainid(torch.tensor([1.0]))
 
 
@@ -523,7 +523,7 @@ def test_augmented_dataset_reproducible_by_key(tmp_path):
     other_seed = AugmentedDataset(GTA5Dataset(tmp_path), TrainTransform(crop=(6, 6)), seed=4)
     assert any(not torch.equal(first["image"], other_seed[(1, s)]["image"]) for s in (42, 43))
     assert torch.equal(aug[-1]["image"], aug[2]["image"])
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index 3 is out of range for a dataset of 3 samples"):
         aug[3]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"key must be an index or an \(index, sample_seed\) pair, got \(1, 2, 3\)"):
         aug[(1, 2, 3)]

@@ -8,7 +8,7 @@ import torch
 
 import lsr_fast
 from lsr_fast import reference
-from conftest import TOLERANCES, all_params, fast_params
+from conftest import all_params, assert_accumulated_close, assert_rounded_close, fast_params, feature_terms_magnitudes
 
 V = 255
 
@@ -129,6 +129,9 @@ def fused_case(shape, C, dtype, layout, seed):
     return features, labels, prototypes
 
 
+TERM_NAMES = ("sums", "counts", "squared distances", "norm loss sum", "norm sum")
+
+
 def loss_of_terms(terms, batch_prototypes_weight, seed):
     """A scalar that touches every differentiable output, including the perpendicularity path
     through the batch prototypes, with fixed random weights."""
@@ -157,14 +160,16 @@ def test_fused_backend_matches_reference(device, backend, dtype, shape, layout, 
 
     test_features = features.detach().to(device).requires_grad_()
     terms = lsr_fast.feature_terms(test_features, labels.to(device), prototypes.to(device), torch.tensor(r, dtype=torch.float64, device=device), mode=mode, backend=backend)
-    tol = TOLERANCES[dtype]
-    assert torch.equal(terms[1].cpu(), ref_terms[1])
-    for got, want in zip(terms, ref_terms):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got.detach().cpu(), want.detach(), **tol)
+    assert terms[1].dtype == torch.int64 and torch.equal(terms[1].cpu(), ref_terms[1])
+    # Sums and norm sums are accumulated in float32 (float64) whatever the input dtype.
+    magnitudes = feature_terms_magnitudes(features, labels, C, r, ref_terms)
+    for name, got, want, magnitude in zip(TERM_NAMES, terms, ref_terms, magnitudes):
+        if magnitude is not None:
+            assert_accumulated_close(got, want, dtype, magnitude, name)
     loss_of_terms(terms, 2.0, 0).backward()
+    # The gradient is rounded to the features' dtype: that dtype's tolerance.
     assert test_features.grad.dtype == dtype
-    torch.testing.assert_close(test_features.grad.cpu(), ref_features.grad, **tol)
+    assert_rounded_close(test_features.grad, ref_features.grad, dtype)
 
 
 @pytest.mark.parametrize("device,backend", fast_params())
@@ -173,19 +178,22 @@ def test_public_losses_backend_matches_reference(device, backend, mode):
     features, labels, prototypes = fused_case((2, 6, 4, 5), 3, torch.float32, "contiguous", seed=3)
     features[0, :, 0, 0] = 0.0  # a zero vector: norm gradient 0
     valid = torch.tensor([True, False, True])
-    for fn_ref, fn in (
-        (lambda f: reference.clustering_loss(f, labels, prototypes, valid),
-         lambda f: lsr_fast.clustering_loss(f, labels.to(device), prototypes.to(device), valid=valid.to(device), backend=backend)),
-        (lambda f: reference.norm_alignment_loss(f, 2.5, mode),
-         lambda f: lsr_fast.norm_alignment_loss(f, 2.5, mode=mode, backend=backend)),
+    # Clustering: a mean of squared distances (terms >= 0, magnitude |loss|); norm alignment:
+    # the mean of |r - ||f||| carries the rounding of r and ||f||, magnitude |r| + mean ||f||.
+    mean_norm = reference.norm_alignment_loss(features, 0.0, "source")
+    for name, fn_ref, fn, magnitude in (
+        ("clustering", lambda f: reference.clustering_loss(f, labels, prototypes, valid),
+         lambda f: lsr_fast.clustering_loss(f, labels.to(device), prototypes.to(device), valid=valid.to(device), backend=backend), None),
+        ("norm alignment", lambda f: reference.norm_alignment_loss(f, 2.5, mode),
+         lambda f: lsr_fast.norm_alignment_loss(f, 2.5, mode=mode, backend=backend), 2.5 + mean_norm),
     ):
         a = features.clone().requires_grad_()
         b = features.clone().to(device).requires_grad_()
         want, got = fn_ref(a), fn(b)
         want.backward()
         got.backward()
-        torch.testing.assert_close(got.cpu(), want, **TOLERANCES[torch.float32])
-        torch.testing.assert_close(b.grad.cpu(), a.grad, **TOLERANCES[torch.float32])
+        assert_accumulated_close(got, want, torch.float32, magnitude, name)
+        assert_rounded_close(b.grad, a.grad, torch.float32, f"{name} gradient")
 
 
 @pytest.mark.parametrize("device,backend", fast_params())
@@ -195,8 +203,13 @@ def test_fused_no_classes_and_all_void(device, backend):
     prototypes = torch.randn(2, 5)
     want = reference.feature_terms(features, labels, prototypes, 1.0, "source")
     got = lsr_fast.feature_terms(features.to(device), labels.to(device), prototypes.to(device), 1.0, backend=backend)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.cpu(), w, **TOLERANCES[torch.float32])
+    assert torch.equal(got[1].cpu(), want[1]) and not want[1].any()
+    # No class: the class sums and squared distances are exactly 0; the norm terms cover every vector.
+    assert not want[0].any() and not want[2].any()
+    magnitudes = feature_terms_magnitudes(features, labels, 2, 1.0, want)
+    for name, g, w, magnitude in zip(TERM_NAMES, got, want, magnitudes):
+        if magnitude is not None:
+            assert_accumulated_close(g, w, torch.float32, magnitude, name)
 
 
 # ---- invalid inputs ---------------------------------------------------------------------------

@@ -440,7 +440,7 @@ def test_build_model_passes_arguments():
     assert isinstance(model, DeepLabV2)
     assert model.num_classes == 7 and model.feature_dim == 4 * 8 * 4
     assert model.two_branch_aspp and model.batchnorm == "train"
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'depth'"):  # passed on, not swallowed
         build_model(7, "resnet18", depth=5)
 
 
