@@ -139,7 +139,8 @@ def _hist_downsample_pairwise(
     cols, col_ok = taps(W, w)
     window = index[:, rows.unsqueeze(2).unsqueeze(3), cols.unsqueeze(0).unsqueeze(1)]  # (B, h, kh, w, kw)
     exists = row_ok.unsqueeze(2).unsqueeze(3) & col_ok.unsqueeze(0).unsqueeze(1)
-    window = torch.where(exists, window, torch.full_like(window, void)).permute(0, 1, 3, 2, 4).reshape(B, h, w, -1)
+    pixels = rows.shape[1] * cols.shape[1]  # explicit: reshape(..., -1) fails for B = 0
+    window = torch.where(exists, window, torch.full_like(window, void)).permute(0, 1, 3, 2, 4).reshape(B, h, w, pixels)
     is_class = window != void
     counts = (window.unsqueeze(-1) == window.unsqueeze(-2)).sum(-1)  # pixels sharing each pixel's class
     scores = counts.to(torch.float32)
