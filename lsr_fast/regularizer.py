@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 from typing import Dict, List, Optional
 
 import torch
@@ -192,11 +194,13 @@ class LSRRegularizer(nn.Module):
         """Source features (B, K, h, w) with labels (B, H, W) or (B, h, w); target features
         (B', K, h', w') with softmax probabilities (B', C, H', W') or (B', C, h', w')."""
         self._check_inputs(source_features, source_labels, target_features, target_probs)
-        source_labels = self._labels_at(source_labels, source_features.shape[2:])
-        pseudo_labels = ops.pseudo_label_downsample(
-            target_probs.detach(), tuple(target_features.shape[2:]), threshold=self.label_threshold,
-            confidence=self.confidence, ignore_index=self.ignore_index, backend=self.backend,
-        )
+        with _named_as(labels="source_labels"):
+            source_labels = self._labels_at(source_labels, source_features.shape[2:])
+        with _named_as(probs="target_probs"):
+            pseudo_labels = ops.pseudo_label_downsample(
+                target_probs.detach(), tuple(target_features.shape[2:]), threshold=self.label_threshold,
+                confidence=self.confidence, ignore_index=self.ignore_index, backend=self.backend,
+            )
 
         group = self._sync_group()
         if self._norm_initialised:
@@ -214,14 +218,17 @@ class LSRRegularizer(nn.Module):
 
         prototypes = self.prototypes.detach()  # the backends copy what they save for backward
         common = dict(ignore_index=self.ignore_index, backend=self.backend)
-        s_sums, s_counts, s_sq, s_norm_loss, s_norm_sum = ops.feature_terms(
-            source_features, source_labels, prototypes, norm_reference, mode="source", **common)
-        t_sums, t_counts, t_sq, t_norm_loss, t_norm_sum = ops.feature_terms(
-            target_features, pseudo_labels, prototypes, norm_reference, mode="target", **common)
+        with _named_as(features="source_features", labels="source_labels"):
+            s_sums, s_counts, s_sq, s_norm_loss, s_norm_sum = ops.feature_terms(
+                source_features, source_labels, prototypes, norm_reference, mode="source", **common)
+        with _named_as(features="target_features"):
+            t_sums, t_counts, t_sq, t_norm_loss, t_norm_sum = ops.feature_terms(
+                target_features, pseudo_labels, prototypes, norm_reference, mode="target", **common)
         source_vectors = source_features.shape[0] * source_features.shape[2] * source_features.shape[3]
         target_vectors = target_features.shape[0] * target_features.shape[2] * target_features.shape[3]
         if self.lambda_entropy > 0:
-            entropy = ops.maxsquare_loss(target_probs, alpha=self.alpha, backend=self.backend)
+            with _named_as(probs="target_probs"):
+                entropy = ops.maxsquare_loss(target_probs, alpha=self.alpha, backend=self.backend)
         else:
             entropy = s_norm_loss.new_zeros(())
 
@@ -304,6 +311,21 @@ class _AllReduceSumFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _AllReduceSumFunction.apply(grad, ctx.group), None
+
+
+@contextlib.contextmanager
+def _named_as(**names):
+    """An op's TypeError/ValueError raised again with forward's argument names in its message
+    ("labels contains the value 7" -> "source_labels contains the value 7"): the ops name their
+    own arguments, which are ambiguous between the two domains. Value checks run on device
+    tensors, so naming them here costs nothing; checking again up front would cost a sync."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        for inner, outer in names.items():
+            message = re.sub(rf"\b{inner}\b", outer, message)
+        raise type(error)(message) from error
 
 
 def _is_number(value) -> bool:

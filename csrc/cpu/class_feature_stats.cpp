@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> class_feature_stats_cpu(const at::Tensor& fea
                                                            int64_t num_classes, int64_t ignore_index) {
   constexpr const char* op = "class_feature_stats";
   check_features_labels(features, labels, op);
-  TORCH_CHECK(num_classes >= 0, op, ": num_classes must be >= 0, got ", num_classes);
+  TORCH_CHECK(num_classes >= 1, op, ": num_classes must be >= 1, got ", num_classes);
   const FeatureView f = view_features(features, op);
   const auto acc_type = acc_dtype(features.scalar_type());
   at::Tensor sums = at::zeros({num_classes, f.K}, features.options().dtype(acc_type));

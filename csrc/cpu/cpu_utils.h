@@ -52,10 +52,11 @@ inline void check_labels_dtype(const at::Tensor& t, const char* op, const char* 
               name, " must be an integer tensor (uint8, int8, int16, int32 or int64), got ", s);
 }
 
-// A 0-dim (or one-element) tensor's value as double; CPU memory, so no device sync.
+// A 0-dim floating-point tensor's value as double; CPU memory, so no device sync.
 inline double scalar_value(const at::Tensor& t, const char* op, const char* name) {
   check_cpu(t, op, name);
-  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must hold exactly one value, got shape ", t.sizes());
+  check_float(t, op, name);
+  TORCH_CHECK(t.dim() == 0, op, ": ", name, " must be a 0-dim tensor, got shape ", t.sizes());
   return t.to(at::kDouble).contiguous().data_ptr<double>()[0];
 }
 

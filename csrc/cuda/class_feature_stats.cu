@@ -21,7 +21,7 @@ void check_features(const at::Tensor& features, const at::Tensor& labels) {
 std::tuple<at::Tensor, at::Tensor> class_feature_stats_cuda(const at::Tensor& features, const at::Tensor& labels,
                                                             int64_t num_classes, int64_t ignore_index) {
   check_features(features, labels);
-  TORCH_CHECK(num_classes >= 0, "lsr_fast: num_classes must be >= 0, got ", num_classes);
+  TORCH_CHECK(num_classes >= 1, "class_feature_stats: num_classes must be >= 1, got ", num_classes);
   c10::cuda::CUDAGuard guard(features.device());
   const int64_t K = features.size(1);
   const auto acc = accumulate_type(features.scalar_type());

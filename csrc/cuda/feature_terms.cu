@@ -24,7 +24,7 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
   check_labels_match(features, labels);
   TORCH_CHECK(prototypes.dim() == 2 && prototypes.size(1) == features.size(1), "lsr_fast: prototypes must be (C, K) with K = ",
               features.size(1), ", got ", prototypes.sizes());
-  TORCH_CHECK(reference.numel() == 1 && at::isFloatingType(reference.scalar_type()),
+  TORCH_CHECK(reference.dim() == 0 && at::isFloatingType(reference.scalar_type()),
               "lsr_fast: reference must be a 0-dim floating-point tensor, got shape ", reference.sizes(), " of ",
               reference.scalar_type());
   check_norm_mode("feature_terms", norm_mode);
@@ -109,8 +109,9 @@ at::Tensor feature_terms_backward_cuda(const at::Tensor& grad_sums, const at::Te
               "lsr_fast: grad_sums must be (", C, ", ", K, "), got ", grad_sums.sizes());
   TORCH_CHECK(grad_sq_dist_sums.dim() == 1 && grad_sq_dist_sums.size(0) == C,
               "lsr_fast: grad_sq_dist_sums must be (", C, ",), got ", grad_sq_dist_sums.sizes());
-  TORCH_CHECK(grad_norm_loss_sum.numel() == 1 && grad_norm_sum.numel() == 1,
-              "lsr_fast: grad_norm_loss_sum and grad_norm_sum must be 0-dim tensors");
+  TORCH_CHECK(grad_norm_loss_sum.dim() == 0 && grad_norm_sum.dim() == 0 &&
+                  at::isFloatingType(grad_norm_loss_sum.scalar_type()) && at::isFloatingType(grad_norm_sum.scalar_type()),
+              "feature_terms_backward: grad_norm_loss_sum and grad_norm_sum must be 0-dim floating-point tensors");
   c10::cuda::CUDAGuard guard(features.device());
   BackwardTensors bt = backward_tensors(features);
   if (bt.out.numel() == 0) return bt.out;

@@ -256,7 +256,7 @@ at::Tensor maxsquare_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
   const int64_t B = probs.size(0), C = probs.size(1), HW = probs.size(2) * probs.size(3);
   TORCH_CHECK(class_weight.dim() == 2 && class_weight.size(0) == B && class_weight.size(1) == C,
               "lsr_fast: class_weight must be (", B, ", ", C, "), got ", class_weight.sizes());
-  TORCH_CHECK(grad_loss.numel() == 1, "lsr_fast: grad_loss must be a 0-dim tensor, got shape ", grad_loss.sizes());
+  TORCH_CHECK(grad_loss.dim() == 0, "maxsquare_loss_backward: grad_loss must be a 0-dim tensor, got shape ", grad_loss.sizes());
   TORCH_CHECK(at::isFloatingType(class_weight.scalar_type()) && at::isFloatingType(grad_loss.scalar_type()),
               "maxsquare_loss_backward: class_weight and grad_loss must be floating-point tensors, got ",
               class_weight.scalar_type(), " and ", grad_loss.scalar_type());

@@ -144,6 +144,7 @@ def perpendicularity_loss(prototypes: torch.Tensor, present: Optional[torch.Tens
     check.float_tensor("prototypes", prototypes)
     check.ndim("prototypes", prototypes, (2,), "(C, K)")
     present = check.class_mask("present", present, prototypes.shape[0], prototypes.device)
+    check.finite("prototypes", prototypes)
     from .. import reference
 
     return reference.perpendicularity_loss(prototypes, present)
@@ -204,6 +205,7 @@ def feature_terms(
     check.ndim("prototypes", prototypes, (2,), "(C, K)")
     if prototypes.shape[1] != features.shape[1]:
         raise ValueError(f"prototypes must have width K={features.shape[1]} (features' dim 1), got {prototypes.shape[1]}")
+    check.finite("prototypes", prototypes)
     if mode not in ("source", "target"):
         raise ValueError(f"mode must be 'source' or 'target', got {mode!r}")
     reference = check.reference_value(reference)
