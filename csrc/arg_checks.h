@@ -36,4 +36,9 @@ inline void check_norm_mode(const char* op, int64_t norm_mode) {
               norm_mode);
 }
 
+// feature_terms' distance: 0 = squared_l2, 1 = l1 (lsr_fast.ops._compiled.DISTANCES).
+inline void check_distance(const char* op, int64_t distance) {
+  TORCH_CHECK(distance == 0 || distance == 1, op, ": distance must be 0 (squared_l2) or 1 (l1), got ", distance);
+}
+
 }  // namespace lsr_fast

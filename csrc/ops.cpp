@@ -8,6 +8,9 @@
 //   accumulation is float32 (float64 for float64 features); sums/losses come back in that type.
 // - reference is a 0-dim tensor so that no value crosses to the host; norm_mode 0 = source
 //   (|r - |f||), 1 = target (max(0, r - |f|)).
+// - feature_terms: distance 0 = squared_l2 (sq_dist_sums = sum of ||f - p_c||^2), 1 = l1
+//   (sum of sum_k |f_k - p_ck|); filtered: the norm term uses ||f~||, f~_k = f_k where f_k >= the
+//   vector's mean channel value, else 0 (norm_sum stays the sum of the unfiltered norms).
 #include <torch/library.h>
 
 TORCH_LIBRARY(lsr_fast, m) {
@@ -20,11 +23,11 @@ TORCH_LIBRARY(lsr_fast, m) {
   m.def("class_feature_stats_backward(Tensor grad_sums, Tensor features, Tensor labels, "
         "int ignore_index) -> Tensor");
   m.def("feature_terms(Tensor features, Tensor labels, Tensor prototypes, Tensor reference, "
-        "int norm_mode, int ignore_index) -> (Tensor sums, Tensor counts, Tensor sq_dist_sums, "
-        "Tensor norm_loss_sum, Tensor norm_sum)");
+        "int norm_mode, int ignore_index, int distance=0, bool filtered=False) -> (Tensor sums, "
+        "Tensor counts, Tensor sq_dist_sums, Tensor norm_loss_sum, Tensor norm_sum)");
   m.def("feature_terms_backward(Tensor grad_sums, Tensor grad_sq_dist_sums, Tensor grad_norm_loss_sum, "
         "Tensor grad_norm_sum, Tensor features, Tensor labels, Tensor prototypes, Tensor reference, "
-        "int norm_mode, int ignore_index) -> Tensor");
+        "int norm_mode, int ignore_index, int distance=0, bool filtered=False) -> Tensor");
   m.def("maxsquare_loss(Tensor probs, float alpha) -> (Tensor loss, Tensor class_weight)");
   m.def("maxsquare_loss_backward(Tensor grad_loss, Tensor probs, Tensor class_weight) -> Tensor");
 }

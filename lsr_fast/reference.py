@@ -226,35 +226,59 @@ def clustering_loss(
     prototypes: torch.Tensor,
     valid: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
+    distance: str = "squared_l2",
 ) -> torch.Tensor:
-    """Eq. 5: mean over qualifying classes of the mean ||p_c - f||^2 over their vectors.
+    """Clustering over the classes that qualify: present in ``labels`` and ``valid[c]`` (their
+    prototype has been estimated). The prototypes are constants. 0 when no class qualifies.
 
-    A class qualifies when it has at least one labelled vector and ``valid[c]`` (its prototype
-    has been estimated). The prototypes are constants. 0 when no class qualifies.
-    The distance is taken as an explicit difference (not |f|^2 - 2 f.p + |p|^2) so the oracle
-    has no cancellation error when features sit close to their prototype.
+    ``distance="squared_l2"`` (Eq. 5): mean over qualifying classes of the mean ||p_c - f||^2
+    over their vectors. ``"l1_mean"`` (the authors' released code, ``nn.L1Loss`` per class):
+    (1/C) * sum over qualifying classes of the mean |f - p_c| over their vectors and channels,
+    C = every class; its gradient is sign(f - p_c) (0 at equality).
     """
     num_classes = prototypes.shape[0]
     rows, labels = _as_rows(features, labels)
     index = _class_index(labels, num_classes, ignore_index)  # (B, N)
     acc = _accumulate_dtype(features)
-    # Void vectors are compared with an extra zero prototype and dropped with class C below.
-    padded = F.pad(prototypes.detach().to(acc), (0, 0, 0, 1))
-    nearest = padded[index].permute(0, 2, 1)  # (B, K, N)
-    sq_dist = (rows.to(acc) - nearest).pow(2).sum(dim=1)  # (B, N)
-    per_class = torch.zeros(num_classes + 1, dtype=acc, device=features.device)
-    per_class = per_class.index_add(0, index.reshape(-1), sq_dist.reshape(-1))[:num_classes]
+    per_class = _class_distance_sums(rows, index, prototypes, acc, distance)
     counts = torch.bincount(index.reshape(-1), minlength=num_classes + 1)[:num_classes]
-    return clustering_from_sums(per_class, counts, valid)
+    return clustering_from_sums(per_class, counts, valid, distance=distance, width=features.shape[1])
 
 
-def clustering_from_sums(sq_dist_sums: torch.Tensor, counts: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Eq. 5 from per-class sums of squared distances (C,) and counts (C,), as fused passes return them."""
+def _class_distance_sums(
+    rows: torch.Tensor, index: torch.Tensor, prototypes: torch.Tensor, acc: torch.dtype, distance: str
+) -> torch.Tensor:
+    """Per-class sums (C,) over the vectors of each class of ||f - p_c||^2 or sum_k |f_k - p_ck|.
+
+    The difference is taken explicitly (not |f|^2 - 2 f.p + |p|^2) so the oracle has no
+    cancellation error when features sit close to their prototype. Void vectors are compared
+    with an extra zero prototype and dropped with class C.
+    """
+    num_classes = prototypes.shape[0]
+    padded = F.pad(prototypes.detach().to(acc), (0, 0, 0, 1))
+    diff = rows.to(acc) - padded[index].permute(0, 2, 1)  # (B, K, N)
+    per_vector = diff.pow(2).sum(dim=1) if distance == "squared_l2" else diff.abs().sum(dim=1)
+    sums = torch.zeros(num_classes + 1, dtype=acc, device=rows.device)
+    return sums.index_add(0, index.reshape(-1), per_vector.reshape(-1))[:num_classes]
+
+
+def clustering_from_sums(
+    dist_sums: torch.Tensor,
+    counts: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    *,
+    distance: str = "squared_l2",
+    width: int = 1,
+) -> torch.Tensor:
+    """Clustering from per-class distance sums (C,) and counts (C,), as the fused passes return
+    them; ``width`` is K, which the ``"l1_mean"`` form averages over too (see clustering_loss)."""
     qualifies = counts > 0
     if valid is not None:
         qualifies = qualifies & valid.to(device=qualifies.device, dtype=torch.bool)
-    class_means = sq_dist_sums / counts.clamp(min=1).to(sq_dist_sums.dtype)
-    return (class_means * qualifies).sum() / qualifies.sum().clamp(min=1).to(sq_dist_sums.dtype)
+    class_means = dist_sums / counts.clamp(min=1).to(dist_sums.dtype)
+    if distance == "l1_mean":
+        return (class_means * qualifies).sum() / (width * dist_sums.shape[0])
+    return (class_means * qualifies).sum() / qualifies.sum().clamp(min=1).to(dist_sums.dtype)
 
 
 def perpendicularity_loss(prototypes: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -278,21 +302,50 @@ def perpendicularity_loss(prototypes: torch.Tensor, present: Optional[torch.Tens
     return (cosines * pair_mask).sum() / (n * (n - 1)).clamp(min=1)
 
 
+def _norm_terms(
+    rows: torch.Tensor, reference: Union[float, torch.Tensor], mode: str, filtered: bool, acc: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(norm-alignment term per vector, unfiltered norm per vector) of (B, K, N) rows.
+
+    With ``filtered`` the term uses ||f~||, f~_k = f_k where f_k >= the vector's own mean channel
+    value, else 0 (the released code's filter): the mean is a constant (no gradient) and the
+    dropped channels get none. A channel equal to the mean is kept, and so is every channel of a
+    vector whose channels are all equal (the mean is capped at the largest channel). At a zero norm the gradient is taken as 0 (as autograd does).
+    """
+    rows = rows.to(acc)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    if filtered and rows.shape[1] > 0:  # (K = 0: every norm is 0 either way)
+        # Capped at the largest channel: a rounded mean of equal channels may exceed them all.
+        detached = rows.detach()
+        mean = torch.minimum(detached.mean(dim=1, keepdim=True), detached.amax(dim=1, keepdim=True))
+        term_norms = torch.linalg.vector_norm(torch.where(rows >= mean, rows, torch.zeros((), dtype=acc, device=rows.device)), dim=1)
+    else:
+        term_norms = norms
+    if isinstance(reference, torch.Tensor):
+        reference = reference.detach().to(device=rows.device, dtype=acc)
+    gap = reference - term_norms
+    return (gap.abs() if mode == "source" else gap.clamp(min=0)), norms
+
+
 def norm_alignment_loss(
-    features: torch.Tensor, reference: Union[float, torch.Tensor], mode: str = "source"
+    features: torch.Tensor,
+    reference: Union[float, torch.Tensor],
+    mode: str = "source",
+    relative_to: Optional[Union[float, torch.Tensor]] = None,
+    filtered: bool = False,
 ) -> torch.Tensor:
     """Eqs. 7-8 over every feature vector (void too): source mean |r - |f||, target mean relu(r - |f|).
 
-    ``reference`` r is a constant. At |f| = 0 the norm's gradient is taken as 0 (as autograd does).
+    ``reference`` r is a constant. ``relative_to`` n (a constant) divides the mean: the released
+    code's relative form |r - |f|| / n. ``filtered``: |f~| instead of |f| (see _norm_terms).
     """
     acc = _accumulate_dtype(features)
-    dim = 1  # K is dim 1 both for (B, K, h, w) maps and (N, K) rows
-    norms = torch.linalg.vector_norm(features.to(acc), dim=dim)
-    if isinstance(reference, torch.Tensor):
-        reference = reference.detach().to(device=features.device, dtype=acc)
-    gap = reference - norms
-    per_vector = gap.abs() if mode == "source" else gap.clamp(min=0)
-    return per_vector.mean()
+    rows = features.t().unsqueeze(0) if features.dim() == 2 else features.flatten(2)
+    per_vector, _ = _norm_terms(rows, reference, mode, filtered, acc)
+    loss = per_vector.mean()
+    if relative_to is not None:
+        loss = loss / (relative_to.detach().to(loss) if isinstance(relative_to, torch.Tensor) else relative_to)
+    return loss
 
 
 def maxsquare_loss(probs: torch.Tensor, alpha: float = 0.2) -> torch.Tensor:
@@ -344,26 +397,22 @@ def feature_terms(
     reference: Union[float, torch.Tensor],
     mode: str = "source",
     ignore_index: int = 255,
+    distance: str = "squared_l2",
+    filtered: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the compiled backends' fused pass over one feature map returns, from the ops above.
 
-    (sums (C, K), counts (C,), sums of ||f - p^_c||^2 per class (C,), sum over every vector of
-    the norm-alignment term, sum over every vector of ||f||). Clustering is
-    clustering_from_sums(...), the norm loss its sum / number of vectors, the batch prototypes
-    sums / counts and the mean norm (for f-bar_s) norm_sum / number of vectors.
+    (sums (C, K), counts (C,), per-class distance sums (C,) (||f - p^_c||^2, or sum_k |f - p^_c|
+    with ``distance="l1_mean"``), sum over every vector of the norm-alignment term (of the
+    filtered norm with ``filtered``), sum over every vector of the unfiltered ||f||). Clustering
+    is clustering_from_sums(...), the norm loss its sum / number of vectors, the batch
+    prototypes sums / counts and the mean norm (for f-bar_s) norm_sum / number of vectors.
     """
     num_classes = prototypes.shape[0]
     rows, flat_labels = _as_rows(features, labels)
     index = _class_index(flat_labels, num_classes, ignore_index)
     acc = _accumulate_dtype(features)
     sums, counts = class_feature_stats(features, labels, num_classes, ignore_index)
-    padded = F.pad(prototypes.detach().to(acc), (0, 0, 0, 1))
-    sq_dist = (rows.to(acc) - padded[index].permute(0, 2, 1)).pow(2).sum(dim=1)
-    sq_dist_sums = torch.zeros(num_classes + 1, dtype=acc, device=features.device)
-    sq_dist_sums = sq_dist_sums.index_add(0, index.reshape(-1), sq_dist.reshape(-1))[:num_classes]
-    norms = torch.linalg.vector_norm(rows.to(acc), dim=1)
-    if isinstance(reference, torch.Tensor):
-        reference = reference.detach().to(device=features.device, dtype=acc)
-    gap = reference - norms
-    per_vector = gap.abs() if mode == "source" else gap.clamp(min=0)
-    return sums, counts, sq_dist_sums, per_vector.sum(), norms.sum()
+    dist_sums = _class_distance_sums(rows, index, prototypes, acc, distance)
+    per_vector, norms = _norm_terms(rows, reference, mode, filtered, acc)
+    return sums, counts, dist_sums, per_vector.sum(), norms.sum()

@@ -2,6 +2,7 @@
 
     python scripts/check_triton_compile.py              # sm_90 (H100/H200) and sm_80 (A100)
     python scripts/check_triton_compile.py --arch 90 -v # one architecture, list every kernel
+    python scripts/check_triton_compile.py --only feature_terms   # one group of ops (repeatable)
 
 Triton's interpreter (what the tests use without a GPU) runs kernels in NumPy and accepts much
 that the compiler rejects (Python control flow such as `break`, type rules, instructions a
@@ -15,8 +16,10 @@ never launched. Nothing is computed: it proves that the kernels compile, not tha
 
 Inputs cover what changes a specialisation: feature/probability dtypes (float32, float16,
 bfloat16, float64), layouts (NCHW, channels_last, (N, K) rows, strided views), class counts and
-widths (C = 4/16/19/40, K = 3/64/2048), sizes that are and are not multiples of 16, class
-weights, both norm modes, forward and backward.
+widths (C = 4/16/19/40, K = 3/64/2048/256), sizes that are and are not multiples of 16, class
+weights, both norm modes, feature_terms' distances (squared_l2, l1_mean) and filtered norm
+(each path: in the class pass for K <= BLOCK_K, whole-vector register tiles, and the two-sweep
+stats kernel for K = 8200 beyond a tile), forward and backward.
 
 Compiled kernels go to a fresh temporary Triton cache (removed at exit) unless TRITON_CACHE_DIR
 is set. Exit status 0 when every specialisation compiled, 1 otherwise (each failure is printed with
@@ -123,9 +126,21 @@ def allow_triton_on_cpu_tensors() -> None:
     _backends._loaded.pop("triton", None)
 
 
-def exercise_ops() -> int:
-    """Call every op of the Triton backend, forward and backward, over the inputs that change a
-    specialisation. Returns the number of calls."""
+GROUPS = ("downsample", "class_feature_stats", "feature_terms")
+
+# feature_terms' (mode, distance, filtered): the paper's forms in both modes, and each released
+# form with one mode (the norm mode is a runtime integer: it changes no code but Triton's "== 1"
+# specialisation). The released forms at K = 2048 (the filtered norm's whole-vector stats kernel)
+# and K = 3 (filtered in the class pass, K <= BLOCK_K), every layout and dtype; K = 64 and 256
+# take the same paths with other block sizes.
+PAPER_FORMS = [("source", "squared_l2", False), ("target", "squared_l2", False)]
+RELEASED_FORMS = [("source", "l1_mean", False), ("source", "squared_l2", True), ("target", "l1_mean", True)]
+RELEASED_FORM_WIDTHS = (2048, 3)
+
+
+def exercise_ops(groups=GROUPS) -> int:
+    """Call the ops of the Triton backend in ``groups`` (all by default), forward and backward,
+    over the inputs that change a specialisation. Returns the number of calls."""
     import lsr_fast
 
     calls = 0
@@ -135,8 +150,15 @@ def exercise_ops() -> int:
         # The outputs are never computed (nothing launches); only the backward launches matter.
         torch.autograd.grad(loss, inputs, allow_unused=True)
 
+    def feature_terms(f, lab, prototypes, switches):
+        mode, distance, filtered = switches
+        sums, _, dist, norm_loss, norm_sum = lsr_fast.feature_terms(
+            f, lab, prototypes, 1.5, mode=mode, distance=distance, filtered=filtered, backend="triton")
+        grad(sums.sum() + dist.sum() + norm_loss + norm_sum, f)
+        return 2
+
     # Downsampling: labels (int64, uint8, a strided view), probabilities of every float dtype.
-    for (H, W), (h, w), C in [((720, 1280), (91, 161), 19), ((64, 96), (8, 12), 16), ((33, 50), (7, 9), 4)]:
+    for (H, W), (h, w), C in ([] if "downsample" not in groups else [((720, 1280), (91, 161), 19), ((64, 96), (8, 12), 16), ((33, 50), (7, 9), 4)]):
         labels = torch.randint(0, C, (2, H, W), generator=g)
         for lab in (labels, labels.to(torch.uint8), torch.randint(0, C, (2, H, 2 * W), generator=g)[..., ::2]):
             for weights in (None, torch.rand(C, generator=g)):
@@ -153,8 +175,9 @@ def exercise_ops() -> int:
         grad(lsr_fast.maxsquare_loss(p, alpha=0.0, backend="triton"), p)
         calls += 2
 
-    # Feature passes: class_feature_stats and feature_terms (both modes), every layout and dtype.
-    for K, (h, w), C in [(2048, (91, 161), 19), (64, (17, 33), 16), (3, (5, 7), 4), (256, (16, 32), 40)]:
+    # Feature passes: class_feature_stats and feature_terms (every switch), every layout and dtype.
+    feature_groups = {"class_feature_stats", "feature_terms"} & set(groups)
+    for K, (h, w), C in ([] if not feature_groups else [(2048, (91, 161), 19), (64, (17, 33), 16), (3, (5, 7), 4), (256, (16, 32), 40)]):
         base = torch.randn(2, K, h, w, generator=g).relu_()
         labels = torch.randint(0, C, (2, h, w), generator=g)
         prototypes = torch.randn(C, K, generator=g)
@@ -167,14 +190,24 @@ def exercise_ops() -> int:
         for features, lab in maps.values():
             for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 f = features.to(dtype).detach().requires_grad_()
-                sums, _ = lsr_fast.class_feature_stats(f, lab, C, backend="triton")
-                grad(sums.sum(), f)
-                calls += 2
-                for mode in ("source", "target"):
-                    sums, _, sq, norm_loss, norm_sum = lsr_fast.feature_terms(
-                        f, lab, prototypes.to(dtype), 1.5, mode=mode, backend="triton")
-                    grad(sums.sum() + sq.sum() + norm_loss + norm_sum, f)
+                if "class_feature_stats" in groups:
+                    sums, _ = lsr_fast.class_feature_stats(f, lab, C, backend="triton")
+                    grad(sums.sum(), f)
                     calls += 2
+                if "feature_terms" in groups:
+                    for switches in PAPER_FORMS + (RELEASED_FORMS if K in RELEASED_FORM_WIDTHS else []):
+                        calls += feature_terms(f, lab, prototypes.to(dtype), switches)
+    # The filtered norm's other paths: K = 1 (Triton makes an integer 1 a constant; the mean divides
+    # by it) and K = 8200, beyond one register tile of whole vectors (two sweeps over the channels).
+    for K, (h, w), C in ([] if "feature_terms" not in groups else [(1, (5, 7), 4), (8200, (3, 5), 4)]):
+        base = torch.randn(2, K, h, w, generator=g)
+        labels = torch.randint(0, C, (2, h, w), generator=g)
+        prototypes = torch.randn(C, K, generator=g)
+        for features in (base, base.to(memory_format=torch.channels_last), base[..., ::2]):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                f = features.to(dtype).detach().requires_grad_()
+                lab = labels[..., ::2] if features.shape[-1] != w else labels
+                calls += feature_terms(f, lab, prototypes.to(dtype), ("source", "l1_mean", True))
     return calls
 
 
@@ -203,14 +236,17 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=(80, 86, 89, 90),
                         help="compute capability x10 to compile for (repeatable; default 90 and 80)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every compiled specialisation")
+    parser.add_argument("--only", action="append", choices=GROUPS,
+                        help="compile the kernels of these ops only (repeatable; default all)")
     args = parser.parse_args(argv)
+    groups = tuple(args.only or GROUPS)
 
     import lsr_fast
 
     lsr_fast.set_value_checks(False)
     allow_triton_on_cpu_tensors()
     start = time.perf_counter()
-    compiler = compile_only(args.arch or [90, 80], exercise_ops, args.verbose)
+    compiler = compile_only(args.arch or [90, 80], lambda: exercise_ops(groups), args.verbose)
     failures = [error for error in compiler.done.values() if error]
     kernels = sorted({e[0] for e in compiler.done})
     print(f"{len(compiler.done)} compilations of {len(kernels)} kernels in {compiler.seconds:.0f} s "

@@ -1,7 +1,8 @@
-// class_feature_stats and its backward on CUDA (kernels in feature_pass.cuh).
+// class_feature_stats and its backward on CUDA (kernels in feature_pass.cuh, feature_backward.cuh).
 // Forward: one pass over the features; per-class sums (C, K) in float32 (float64 for float64
 // features) and counts (C,) int64; void vectors are skipped. Backward: a gather,
 // grad[f of class c] = grad_sums[c], 0 for void, in the features' dtype and memory format.
+#include "feature_backward.cuh"
 #include "feature_pass.cuh"
 
 namespace lsr_fast {

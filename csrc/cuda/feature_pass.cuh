@@ -1,4 +1,7 @@
-// The passes over feature maps shared by class_feature_stats and feature_terms.
+// The forward pass over feature maps shared by class_feature_stats and feature_terms: the
+// class/feature pass (feature_pass_kernel), its host-side planning and its launch. Shared pieces
+// are in feature_common.cuh; feature_terms' per-position finish is in feature_finalize.cuh, the
+// backward in feature_backward.cuh.
 //
 // Forward (feature_pass_kernel): a block owns one K-tile of kKT = 32 channels and a contiguous
 // range of position tiles (kNT = 128 positions of one image). For each position tile it stages
@@ -15,51 +18,20 @@
 // and reduced in a fixed order by a second kernel (deterministic mode: costs one launch and
 // P*C*K*4 bytes written and read, P = resident blocks / (K/32): ~1 MB for C = 19, K = 2048).
 //
-// feature_terms then reduces pos_partial per position in K-tile order (terms_finalize_kernel:
+// feature_terms then reduces pos_partial per position in K-tile order (feature_finalize.cuh:
 // norms, the norm-alignment term, per-class squared distances by a deterministic warp
 // segmented reduction, counts by integer atomics) and a one-block kernel adds the per-block
 // results in block order. pos_partial costs 8 bytes per position per 32 channels written and
 // read back (~6% + 6% of the feature bytes for float32): the price of splitting K over blocks,
 // which keeps every block's working set small and the whole GPU busy for any (N, K).
-//
-// Backward (feature_backward_kernel): a gather (class_feature_stats) or the fused gradient of
-// feature_terms. NCHW: a block owns 32*V consecutive positions (V per lane, vectorised when
-// aligned) and its 8 warps split the channels; the per-position norm is reduced over the warps
-// in a fixed order, then the block re-reads its positions (an L1/L2 hit: the block's slab was
-// read moments before) and writes the gradient. Channels-last / rows: a warp owns a position,
-// lanes split the channels, the norm is a shuffle-tree reduction. All fixed-order:
-// deterministic in every mode.
+// Determinism: every in-block sum has a fixed order; the cross-block class sums use float
+// atomics by default and a fixed-order partial reduction in deterministic() mode.
 #pragma once
 
-#include "cuda_utils.cuh"
+#include "feature_common.cuh"
 
 namespace lsr_fast {
 namespace cuda {
-
-constexpr int kKT = 32;                // channels per K-tile (one per lane)
-constexpr int kNT = 128;               // positions per tile
-constexpr int kTileStride = kNT + 1;   // padded rows: conflict-free column reads
-constexpr int kTermScratch = 32 * 1024;  // shared memory for the per-warp class accumulators of the finalize kernel
-static_assert(kThreads == 2 * kNT, "the terms phase runs two threads per position");
-static_assert(kNT % (32 * kWarps / 8) == 0 && kNT / kWarps >= 1, "every warp gets whole positions");
-
-template <typename T>
-__device__ __forceinline__ T device_sqrt(T x) {
-  if constexpr (std::is_same_v<T, double>) {
-    return ::sqrt(x);
-  } else {
-    return ::sqrtf(x);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T device_abs(T x) {
-  if constexpr (std::is_same_v<T, double>) {
-    return ::fabs(x);
-  } else {
-    return ::fabsf(x);
-  }
-}
 
 struct FeaturePassArgs {
   int64_t HW;  // positions per image
@@ -78,14 +50,17 @@ struct FeaturePassArgs {
   int acc_copies;  // S in {1, 2, 4, 8}: per-warp accumulators in shared memory; 0: kWarps in global scratch
 };
 
-template <typename scalar_t, bool kTerms>
+template <typename scalar_t, bool kTerms, bool kL1 = false, bool kFiltered = false>
 __global__ void __launch_bounds__(kThreads)
     feature_pass_kernel(const scalar_t* __restrict__ feat, FeaturePassArgs a,
                         at::opmath_type<scalar_t>* __restrict__ acc_global, at::opmath_type<scalar_t>* __restrict__ sums,
                         at::opmath_type<scalar_t>* __restrict__ sums_partial, unsigned long long* __restrict__ counts,
                         const at::opmath_type<scalar_t>* __restrict__ protos,
-                        at::opmath_type<scalar_t>* __restrict__ pos_partial) {
+                        at::opmath_type<scalar_t>* __restrict__ pos_partial,
+                        const at::opmath_type<scalar_t>* __restrict__ mean) {
+  static_assert(kTerms || (!kL1 && !kFiltered), "the switches belong to feature_terms");
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kSlots = pos_partial_slots(kFiltered);
   constexpr int V = Vec16<scalar_t>::kSize;
   extern __shared__ __align__(16) unsigned char smem[];
   acc_t* tile = reinterpret_cast<acc_t*>(smem);              // kKT x kTileStride
@@ -229,25 +204,37 @@ __global__ void __launch_bounds__(kThreads)
       const int pos = t >> 1;
       const int half = t & 1;
       const int c = lab[pos];
-      acc_t s1 = acc_t(0), s2 = acc_t(0);
+      const int64_t n = n0 + pos;
+      // kFiltered: the position's threshold m (padding channels are 0 and add 0 either way).
+      acc_t thr = acc_t(0);
+      if constexpr (kFiltered) thr = n < a.HW ? mean[b * a.HW + n] : acc_t(0);
+      acc_t s1 = acc_t(0), s2 = acc_t(0), s3 = acc_t(0);
 #pragma unroll 4
       for (int kk = 0; kk < kKT / 2; ++kk) {
         const int k = half * (kKT / 2) + kk;
         const acc_t v = tile[k * kTileStride + pos];
         s1 += v * v;
+        if constexpr (kFiltered) {
+          if (v >= thr) s3 += v * v;
+        }
         if (c >= 0) {
           const int kg = k0 + k;
           const acc_t d = v - (kg < K ? protos[static_cast<int64_t>(c) * K + kg] : acc_t(0));
-          s2 += d * d;
+          if constexpr (kL1) {
+            s2 += device_abs(d);
+          } else {
+            s2 += d * d;
+          }
         }
       }
       s1 += __shfl_xor_sync(kFullMask, s1, 1);
       s2 += __shfl_xor_sync(kFullMask, s2, 1);
-      const int64_t n = n0 + pos;
+      if constexpr (kFiltered) s3 += __shfl_xor_sync(kFullMask, s3, 1);
       if (half == 0 && n < a.HW) {
         const int64_t gpos = b * a.HW + n;
-        pos_partial[(2 * static_cast<int64_t>(kt)) * a.N + gpos] = s1;
-        pos_partial[(2 * static_cast<int64_t>(kt) + 1) * a.N + gpos] = s2;
+        pos_partial[(kSlots * static_cast<int64_t>(kt)) * a.N + gpos] = s1;
+        pos_partial[(kSlots * static_cast<int64_t>(kt) + 1) * a.N + gpos] = s2;
+        if constexpr (kFiltered) pos_partial[(kSlots * static_cast<int64_t>(kt) + 2) * a.N + gpos] = s3;
       }
     }
 
@@ -278,7 +265,7 @@ struct FeaturePassPlan {
   size_t smem;
 };
 
-template <typename scalar_t, bool kTerms>
+template <typename scalar_t, bool kTerms, bool kL1 = false, bool kFiltered = false>
 inline FeaturePassPlan plan_feature_pass(const at::Tensor& f, const FeatureLayout& L, const Labels& lab, int64_t C,
                                          int64_t ignore_index, int sms) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -314,7 +301,7 @@ inline FeaturePassPlan plan_feature_pass(const at::Tensor& f, const FeatureLayou
   // Blocks take equal static shares of the position tiles, so the grid should be one wave:
   // as many blocks as fit on the GPU at once (P position ranges per K-tile).
   int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, feature_pass_kernel<scalar_t, kTerms>,
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, feature_pass_kernel<scalar_t, kTerms, kL1, kFiltered>,
                                                                kThreads, plan.smem));
   const int64_t resident = int64_t(sms) * std::max(per_sm, 1);
   int64_t P = std::clamp<int64_t>(resident / a.ktiles, 1, a.total_tiles);
@@ -328,11 +315,13 @@ inline FeaturePassPlan plan_feature_pass(const at::Tensor& f, const FeatureLayou
 }
 
 // Runs the forward pass. sums (C, K) must be zeroed unless deterministic() (then it is fully
-// written); counts (C,) zeroed or nullptr; protos/pos_partial only for kTerms.
-template <typename scalar_t, bool kTerms>
+// written); counts (C,) zeroed or nullptr; protos/pos_partial only for kTerms (pos_partial holds
+// pos_partial_slots(kFiltered) * ktiles * N elements); mean (N,) only for kFiltered.
+template <typename scalar_t, bool kTerms, bool kL1 = false, bool kFiltered = false>
 inline void run_feature_pass(const FeaturePassPlan& plan, const at::Tensor& f, at::Tensor& sums,
                              unsigned long long* counts, const at::opmath_type<scalar_t>* protos,
-                             at::opmath_type<scalar_t>* pos_partial, int sms) {
+                             at::opmath_type<scalar_t>* pos_partial, int sms,
+                             const at::opmath_type<scalar_t>* mean = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const FeaturePassArgs& a = plan.args;
   const auto acc_options = f.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -344,332 +333,12 @@ inline void run_feature_pass(const FeaturePassPlan& plan, const at::Tensor& f, a
   }
   const bool det = deterministic();
   if (det) partial = at::empty({int64_t(a.P) * a.C * a.K}, acc_options);
-  feature_pass_kernel<scalar_t, kTerms><<<static_cast<unsigned>(plan.grid), kThreads, plan.smem, stream()>>>(
-      f.const_data_ptr<scalar_t>(), a, acc_global, det ? nullptr : sums.data_ptr<acc_t>(),
-      det ? partial.data_ptr<acc_t>() : nullptr, counts, protos, pos_partial);
+  feature_pass_kernel<scalar_t, kTerms, kL1, kFiltered>
+      <<<static_cast<unsigned>(plan.grid), kThreads, plan.smem, stream()>>>(
+          f.const_data_ptr<scalar_t>(), a, acc_global, det ? nullptr : sums.data_ptr<acc_t>(),
+          det ? partial.data_ptr<acc_t>() : nullptr, counts, protos, pos_partial, mean);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (det) reduce_partials<acc_t>(partial, a.P, int64_t(a.C) * a.K, sums.data_ptr<acc_t>(), sms);
-}
-
-// ---- feature_terms: per-position finalisation -------------------------------------------
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    terms_finalize_kernel(const acc_t* __restrict__ pos_partial, int ktiles, int64_t N, const void* __restrict__ labels,
-                          int label_kind, int64_t ignore_index, int C, const acc_t* __restrict__ reference,
-                          int norm_mode, unsigned long long* __restrict__ counts, acc_t* __restrict__ acc_global,
-                          acc_t* __restrict__ block_sq, acc_t* __restrict__ block_norm) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  acc_t* red = reinterpret_cast<acc_t*>(smem);  // kWarps
-  acc_t* scratch = red + kWarps;                // kWarps x 32
-  acc_t* acc = acc_global != nullptr ? acc_global + static_cast<int64_t>(blockIdx.x) * kWarps * C
-                                     : scratch + kWarps * 32;  // kWarps x C
-  const int t = threadIdx.x;
-  const int lane = lane_id();
-  const int warp = warp_id();
-  for (int64_t e = t; e < static_cast<int64_t>(kWarps) * C; e += kThreads) acc[e] = acc_t(0);
-  __syncthreads();
-
-  const acc_t r = *reference;
-  acc_t loss_local = acc_t(0), norm_local = acc_t(0);
-  acc_t* my_acc = acc + static_cast<int64_t>(warp) * C;
-  acc_t* my_scratch = scratch + warp * 32;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 32; base < N;
-       base += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t n = base + lane;
-    int key = -1;
-    acc_t sq = acc_t(0);
-    if (n < N) {
-      acc_t s1 = acc_t(0), s2 = acc_t(0);
-#pragma unroll 4
-      for (int kt = 0; kt < ktiles; ++kt) {  // K-tile order: deterministic
-        s1 += pos_partial[(2 * static_cast<int64_t>(kt)) * N + n];
-        s2 += pos_partial[(2 * static_cast<int64_t>(kt) + 1) * N + n];
-      }
-      const acc_t norm = device_sqrt(s1);
-      const acc_t gap = r - norm;
-      loss_local += norm_mode == kNormSource ? device_abs(gap) : (gap > acc_t(0) ? gap : acc_t(0));
-      norm_local += norm;
-      key = class_of(load_label(labels, label_kind, n), ignore_index, C);
-      sq = s2;
-    }
-    warp_segmented_add(my_acc, my_scratch, key, sq);
-    warp_count_global(counts, key);
-  }
-  __syncthreads();
-  const acc_t loss_total = block_sum(loss_local, red);
-  const acc_t norm_total = block_sum(norm_local, red);
-  if (t == 0) {
-    block_norm[2 * static_cast<int64_t>(blockIdx.x)] = loss_total;
-    block_norm[2 * static_cast<int64_t>(blockIdx.x) + 1] = norm_total;
-  }
-  for (int c = t; c < C; c += kThreads) {
-    acc_t s = acc_t(0);
-    for (int w = 0; w < kWarps; ++w) s += acc[static_cast<int64_t>(w) * C + c];
-    block_sq[static_cast<int64_t>(blockIdx.x) * C + c] = s;
-  }
-}
-
-// Adds the per-block results of terms_finalize_kernel in block order (one block).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    terms_reduce_kernel(const acc_t* __restrict__ block_sq, const acc_t* __restrict__ block_norm, int nblocks, int C,
-                        acc_t* __restrict__ sq_out, acc_t* __restrict__ loss_out, acc_t* __restrict__ norm_out) {
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    acc_t s = acc_t(0);
-    for (int b = 0; b < nblocks; ++b) s += block_sq[static_cast<int64_t>(b) * C + c];
-    sq_out[c] = s;
-  }
-  if (threadIdx.x == 0) {
-    acc_t loss = acc_t(0), norm = acc_t(0);
-    for (int b = 0; b < nblocks; ++b) {
-      loss += block_norm[2 * b];
-      norm += block_norm[2 * b + 1];
-    }
-    *loss_out = loss;
-    *norm_out = norm;
-  }
-}
-
-// ---- backward ---------------------------------------------------------------------------
-struct BackwardArgs {
-  int64_t HW, N;
-  int64_t sB, sK, sN;  // shared by the features and the gradient (same strides)
-  int K, C;
-  const void* labels;
-  int label_kind;
-  int64_t ignore_index;
-  int norm_mode;
-};
-
-// d(loss)/d|f| * grad_norm_loss + grad_norm_sum, divided by |f| (0 when |f| == 0).
-template <typename acc_t>
-__device__ __forceinline__ acc_t norm_coefficient(acc_t sq_norm, acc_t r, acc_t g_loss, acc_t g_norm, int mode) {
-  const acc_t norm = device_sqrt(sq_norm);
-  if (!(norm > acc_t(0))) return acc_t(0);
-  const acc_t gap = r - norm;
-  acc_t dl;
-  if (mode == kNormSource) {
-    dl = gap > acc_t(0) ? acc_t(-1) : (gap < acc_t(0) ? acc_t(1) : acc_t(0));  // -sign(gap)
-  } else {
-    dl = gap >= acc_t(0) ? acc_t(-1) : acc_t(0);  // as autograd of clamp(min=0): gradient at gap == 0
-  }
-  return (g_loss * dl + g_norm) / norm;
-}
-
-// kTerms = false: class_feature_stats backward, grad = grad_sums[label] (features not read).
-// kTerms = true: feature_terms backward. kVec: 16-byte accesses along the unit-stride dim.
-template <typename scalar_t, bool kTerms, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    feature_backward_kernel(const scalar_t* __restrict__ feat, scalar_t* __restrict__ out, BackwardArgs a,
-                            bool pos_major, const at::opmath_type<scalar_t>* __restrict__ grad_sums,
-                            const at::opmath_type<scalar_t>* __restrict__ grad_sq,
-                            const at::opmath_type<scalar_t>* __restrict__ grad_norm_loss,
-                            const at::opmath_type<scalar_t>* __restrict__ grad_norm_sum,
-                            const at::opmath_type<scalar_t>* __restrict__ protos,
-                            const at::opmath_type<scalar_t>* __restrict__ reference) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int V = kVec ? Vec16<scalar_t>::kSize : 1;
-  __shared__ acc_t red[kTerms ? kWarps * 32 * V : 1];
-  const int lane = lane_id();
-  const int warp = warp_id();
-  const int K = a.K;
-  acc_t r = acc_t(0), g_loss = acc_t(0), g_norm = acc_t(0);
-  if constexpr (kTerms) {
-    r = *reference;
-    g_loss = *grad_norm_loss;
-    g_norm = *grad_norm_sum;
-  }
-
-  if (pos_major) {
-    // A block owns 32*V consecutive positions of one image; warp w takes channels w, w+8, ...
-    constexpr int kPos = 32 * V;
-    const int64_t groups_per_image = (a.HW + kPos - 1) / kPos;
-    const int64_t groups = (a.N / a.HW) * groups_per_image;
-    for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
-      const int64_t b = grp / groups_per_image;
-      const int64_t n0 = (grp % groups_per_image) * kPos + lane * V;
-      const scalar_t* fb = feat + b * a.sB + n0;
-      scalar_t* ob = out + b * a.sB + n0;
-      int cls[V];
-      acc_t coef[V], two_gq[V];
-#pragma unroll
-      for (int u = 0; u < V; ++u) {
-        const int64_t n = n0 + u;
-        cls[u] = n < a.HW ? class_of(load_label(a.labels, a.label_kind, b * a.HW + n), a.ignore_index, a.C) : -1;
-        coef[u] = acc_t(0);
-        two_gq[u] = (kTerms && cls[u] >= 0) ? acc_t(2) * grad_sq[cls[u]] : acc_t(0);
-      }
-      // With kVec, HW % V == 0: the lane's V positions are all valid or all past the end.
-      const bool any_valid = n0 < a.HW;
-      if constexpr (kTerms) {
-        acc_t s[V];
-#pragma unroll
-        for (int u = 0; u < V; ++u) s[u] = acc_t(0);
-        if (any_valid) {
-          for (int k = warp; k < K; k += kWarps) {
-            if constexpr (kVec) {
-              const Vec16<scalar_t> v = load_vec16(fb + k * a.sK);
-#pragma unroll
-              for (int u = 0; u < V; ++u) {
-                const acc_t x = static_cast<acc_t>(v.v[u]);
-                s[u] += x * x;
-              }
-            } else {
-              const acc_t x = static_cast<acc_t>(fb[k * a.sK]);
-              s[0] += x * x;
-            }
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < V; ++u) red[warp * kPos + lane * V + u] = s[u];
-        __syncthreads();
-#pragma unroll
-        for (int u = 0; u < V; ++u) {
-          acc_t sq = acc_t(0);
-          for (int w = 0; w < kWarps; ++w) sq += red[w * kPos + lane * V + u];  // warp order
-          coef[u] = norm_coefficient(sq, r, g_loss, g_norm, a.norm_mode);
-        }
-        __syncthreads();  // red is reused by the next group
-      }
-      if (!any_valid) continue;
-      for (int k = warp; k < K; k += kWarps) {
-        acc_t x[V];
-        if constexpr (kTerms) {
-          if constexpr (kVec) {
-            const Vec16<scalar_t> v = load_vec16(fb + k * a.sK);
-#pragma unroll
-            for (int u = 0; u < V; ++u) x[u] = static_cast<acc_t>(v.v[u]);
-          } else {
-            x[0] = static_cast<acc_t>(fb[k * a.sK]);
-          }
-        }
-        acc_t gv[V];
-#pragma unroll
-        for (int u = 0; u < V; ++u) {
-          acc_t g = acc_t(0);
-          if (cls[u] >= 0) {
-            const int64_t ck = static_cast<int64_t>(cls[u]) * K + k;
-            g = grad_sums[ck];
-            if constexpr (kTerms) g += two_gq[u] * (x[u] - protos[ck]);
-          }
-          if constexpr (kTerms) g += coef[u] * x[u];
-          gv[u] = g;
-        }
-        if constexpr (kVec) {
-          Vec16<scalar_t> o;
-#pragma unroll
-          for (int u = 0; u < V; ++u) o.v[u] = static_cast<scalar_t>(gv[u]);
-          store_vec16(ob + k * a.sK, o);
-        } else {
-          ob[k * a.sK] = static_cast<scalar_t>(gv[0]);
-        }
-      }
-    }
-  } else {
-    // A warp owns one position; lanes take V consecutive channels at a time.
-    constexpr int kStep = 32 * V;
-    const int64_t warps_total = static_cast<int64_t>(gridDim.x) * kWarps;
-    for (int64_t gpos = static_cast<int64_t>(blockIdx.x) * kWarps + warp; gpos < a.N; gpos += warps_total) {
-      const int64_t b = gpos / a.HW;
-      const int64_t n = gpos % a.HW;
-      const int64_t off = b * a.sB + n * a.sN;
-      const scalar_t* fp = feat + off;
-      scalar_t* op = out + off;
-      const int c = class_of(load_label(a.labels, a.label_kind, gpos), a.ignore_index, a.C);
-      acc_t coef = acc_t(0), two_gq = acc_t(0);
-      if constexpr (kTerms) {
-        acc_t s = acc_t(0);
-        for (int k = lane * V; k < K; k += kStep) {
-          if constexpr (kVec) {
-            const Vec16<scalar_t> v = load_vec16(fp + k);
-#pragma unroll
-            for (int u = 0; u < V; ++u) {
-              const acc_t x = static_cast<acc_t>(v.v[u]);
-              s += x * x;
-            }
-          } else {
-            const acc_t x = static_cast<acc_t>(fp[k * a.sK]);
-            s += x * x;
-          }
-        }
-        for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_down_sync(kFullMask, s, offset);
-        s = __shfl_sync(kFullMask, s, 0);  // lane 0's tree sum, identical on every lane
-        coef = norm_coefficient(s, r, g_loss, g_norm, a.norm_mode);
-        if (c >= 0) two_gq = acc_t(2) * grad_sq[c];
-      }
-      for (int k = lane * V; k < K; k += kStep) {
-        acc_t x[V];
-        if constexpr (kTerms) {
-          if constexpr (kVec) {
-            const Vec16<scalar_t> v = load_vec16(fp + k);
-#pragma unroll
-            for (int u = 0; u < V; ++u) x[u] = static_cast<acc_t>(v.v[u]);
-          } else {
-            x[0] = static_cast<acc_t>(fp[k * a.sK]);
-          }
-        }
-        acc_t gv[V];
-#pragma unroll
-        for (int u = 0; u < V; ++u) {
-          acc_t g = acc_t(0);
-          if (c >= 0) {
-            const int64_t ck = static_cast<int64_t>(c) * K + k + u;
-            g = grad_sums[ck];
-            if constexpr (kTerms) g += two_gq * (x[u] - protos[ck]);
-          }
-          if constexpr (kTerms) g += coef * x[u];
-          gv[u] = g;
-        }
-        if constexpr (kVec) {
-          Vec16<scalar_t> o;
-#pragma unroll
-          for (int u = 0; u < V; ++u) o.v[u] = static_cast<scalar_t>(gv[u]);
-          store_vec16(op + k, o);
-        } else {
-          op[k * a.sK] = static_cast<scalar_t>(gv[0]);
-        }
-      }
-    }
-  }
-}
-
-// Launches the backward kernel: grad (same shape, dtype and strides as features).
-// grad_sq, grad_norm_loss, grad_norm_sum, protos and reference are only used with kTerms.
-template <typename scalar_t, bool kTerms>
-inline void run_feature_backward(const at::Tensor& f, at::Tensor& out, const FeatureLayout& L, const Labels& lab,
-                                 int64_t C, int64_t ignore_index, int norm_mode,
-                                 const at::opmath_type<scalar_t>* grad_sums,
-                                 const at::opmath_type<scalar_t>* grad_sq,
-                                 const at::opmath_type<scalar_t>* grad_norm_loss,
-                                 const at::opmath_type<scalar_t>* grad_norm_sum,
-                                 const at::opmath_type<scalar_t>* protos, const at::opmath_type<scalar_t>* reference,
-                                 int sms) {
-  constexpr int V = Vec16<scalar_t>::kSize;
-  TORCH_CHECK(L.K < (int64_t(1) << 31), "lsr_fast: the feature width K must be < 2^31, got ", L.K);
-  TORCH_CHECK(C <= kMaxClasses, "lsr_fast: num_classes must be <= ", kMaxClasses, " for the CUDA kernels, got ", C);
-  BackwardArgs a{L.HW, L.B * L.HW, L.sB, L.sK, L.sN, static_cast<int>(L.K), static_cast<int>(C),
-                 lab.tensor.const_data_ptr(), lab.kind, ignore_index, norm_mode};
-  const bool pos_major = position_major(L);
-  const bool batch_ok = L.B == 1 || L.sB % V == 0;
-  const bool vec = aligned16(out.const_data_ptr()) && (!kTerms || aligned16(f.const_data_ptr())) && batch_ok &&
-                   (pos_major ? (L.HW % V == 0 && L.sK % V == 0) : (L.sK == 1 && L.K % V == 0 && L.sN % V == 0));
-  int64_t work;  // blocks of work
-  if (pos_major) {
-    work = L.B * ceil_div(L.HW, int64_t(32) * (vec ? V : 1));
-  } else {
-    work = ceil_div(L.B * L.HW, kWarps);
-  }
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(work, int64_t(sms) * 16));
-  const scalar_t* fp = f.const_data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  if (vec) {
-    feature_backward_kernel<scalar_t, kTerms, true><<<grid, kThreads, 0, stream()>>>(
-        fp, op, a, pos_major, grad_sums, grad_sq, grad_norm_loss, grad_norm_sum, protos, reference);
-  } else {
-    feature_backward_kernel<scalar_t, kTerms, false><<<grid, kThreads, 0, stream()>>>(
-        fp, op, a, pos_major, grad_sums, grad_sq, grad_norm_loss, grad_norm_sum, protos, reference);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

@@ -13,7 +13,7 @@ import torch
 
 from . import _checks as check
 from ._backends import BACKENDS, available_backends, resolve
-from ._checks import set_value_checks, value_checks
+from ._checks import DISTANCES, set_value_checks, value_checks
 
 __all__ = [
     "BACKENDS",
@@ -117,10 +117,17 @@ def clustering_loss(
     *,
     valid: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
+    distance: str = "squared_l2",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Eq. 5: mean over the classes present in ``labels`` (and ``valid``) of the mean squared
-    distance of their vectors to the (constant) prototype (C, K). 0 when no class qualifies."""
+    """Clustering of (B, K, h, w) or (N, K) features around the (constant) prototypes (C, K),
+    over the classes present in ``labels`` (and ``valid``); 0 when no class qualifies.
+
+    ``distance="squared_l2"`` (Eq. 5): mean over those classes of the mean ||f - p_c||^2 of
+    their vectors. ``"l1_mean"`` (the released code's form, which its published weights were
+    tuned on): (1/C) * sum over those classes of the mean |f - p_c| over their vectors and
+    channels, C = every class; gradient sign(f - p_c).
+    """
     check.features_and_labels(features, labels)
     check.float_tensor("prototypes", prototypes)
     check.ndim("prototypes", prototypes, (2,), "(C, K)")
@@ -132,9 +139,10 @@ def clustering_loss(
     check.finite("prototypes", prototypes)
     valid = check.class_mask("valid", valid, num_classes, features.device)
     check.integer("ignore_index", ignore_index)
+    check.choice("distance", distance, check.DISTANCES)
     check.label_values("labels", labels, num_classes, ignore_index)
     impl = resolve("clustering_loss", backend, features.device)
-    return impl(features, labels, prototypes.to(features.device), valid, ignore_index)
+    return impl(features, labels, prototypes.to(features.device), valid, ignore_index, distance)
 
 
 def perpendicularity_loss(prototypes: torch.Tensor, present: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -155,10 +163,18 @@ def norm_alignment_loss(
     reference: Union[float, torch.Tensor],
     *,
     mode: str = "source",
+    relative_to: Optional[Union[float, torch.Tensor]] = None,
+    filtered: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Eqs. 7-8 over every vector of (B, K, h, w) or (N, K) features: source mean |r - |f||,
-    target mean max(0, r - |f|), with r = ``reference`` (a constant)."""
+    target mean max(0, r - |f|), with r = ``reference`` (a constant).
+
+    The released code's form: ``relative_to=n`` divides the mean by n (a positive constant,
+    there the source batch's mean norm); ``filtered=True`` takes the norm of f~, the vector with
+    its channels below its own mean channel value zeroed (no gradient through the mean or to the
+    zeroed channels).
+    """
     check.float_tensor("features", features)
     check.ndim("features", features, (2, 4), "(B, K, h, w) or (N, K)")
     if features.numel() == 0:
@@ -166,9 +182,11 @@ def norm_alignment_loss(
     if mode not in ("source", "target"):
         raise ValueError(f"mode must be 'source' or 'target', got {mode!r}")
     reference = check.reference_value(reference)
+    relative_to = check.relative_to(relative_to)
+    check.boolean("filtered", filtered)
     check.finite("features", features)
     impl = resolve("norm_alignment_loss", backend, features.device)
-    return impl(features, reference, mode)
+    return impl(features, reference, mode, relative_to, filtered)
 
 
 def maxsquare_loss(probs: torch.Tensor, *, alpha: float = 0.2, backend: str = "auto") -> torch.Tensor:
@@ -191,14 +209,20 @@ def feature_terms(
     *,
     mode: str = "source",
     ignore_index: int = 255,
+    distance: str = "squared_l2",
+    relative_to: Optional[Union[float, torch.Tensor]] = None,
+    filtered: bool = False,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Everything LSR needs from one feature map, in one pass on the compiled backends.
 
-    Returns (sums (C, K), counts (C,), per-class sums of ||f - p^_c||^2 (C,), sum of the
-    norm-alignment term over every vector, sum of ||f|| over every vector); all but counts are
-    differentiable w.r.t. ``features``. Combine with ``reference.clustering_from_sums`` and
-    divide the two norm sums by the number of vectors; the batch prototypes are sums / counts.
+    Returns (sums (C, K), counts (C,), per-class distance sums (C,), sum of the norm-alignment
+    term over every vector, sum of ||f|| over every vector); all but counts are differentiable
+    w.r.t. ``features``. The distance is ||f - p^_c||^2, or sum_k |f_k - p^_ck| with
+    ``distance="l1_mean"``; ``filtered`` and ``relative_to`` shape the norm term as in
+    :func:`norm_alignment_loss` (the norm sum stays unfiltered). Combine with
+    ``reference.clustering_from_sums(..., distance=, width=K)`` and divide the two norm sums by
+    the number of vectors; the batch prototypes are sums / counts.
     """
     check.features_and_labels(features, labels)
     check.float_tensor("prototypes", prototypes)
@@ -210,6 +234,13 @@ def feature_terms(
         raise ValueError(f"mode must be 'source' or 'target', got {mode!r}")
     reference = check.reference_value(reference)
     check.integer("ignore_index", ignore_index)
+    check.choice("distance", distance, check.DISTANCES)
+    relative_to = check.relative_to(relative_to)
+    check.boolean("filtered", filtered)
     check.label_values("labels", labels, prototypes.shape[0], ignore_index)
     impl = resolve("feature_terms", backend, features.device)
-    return impl(features, labels, prototypes.to(features.device), reference, mode, ignore_index)
+    sums, counts, dist_sums, norm_loss_sum, norm_sum = impl(
+        features, labels, prototypes.to(features.device), reference, mode, ignore_index, distance, filtered)
+    if relative_to is not None:
+        norm_loss_sum = norm_loss_sum / relative_to
+    return sums, counts, dist_sums, norm_loss_sum, norm_sum

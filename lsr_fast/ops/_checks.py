@@ -183,15 +183,45 @@ def class_weights(value: Optional[torch.Tensor], num_classes: int) -> Optional[t
     return value
 
 
-def reference_value(value) -> Union[float, torch.Tensor]:
+DISTANCES = ("squared_l2", "l1_mean")
+
+
+def choice(name: str, value, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def relative_to(value) -> Union[None, float, torch.Tensor]:
+    """None, or the positive, finite constant the norm term is divided by (a float or a 0-dim
+    tensor; a tensor's sign is a value check)."""
+    if value is None:
+        return None
+    value = reference_value(value, "relative_to")
     if isinstance(value, torch.Tensor):
-        float_tensor("reference", value)
+        if _value_checks and value.numel() and not bool(value > 0):
+            raise ValueError(f"relative_to must be > 0, got {value.item()}")
+        return value.detach()
+    if value <= 0:
+        raise ValueError(f"relative_to must be > 0, got {value}")
+    return value
+
+
+def reference_value(value, name: str = "reference") -> Union[float, torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        float_tensor(name, value)
         if value.dim() != 0:
-            raise ValueError(f"reference must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
-        finite("reference", value)
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        finite(name, value)
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"reference must be a float or a 0-dim tensor, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(value).__name__}")
     if not math.isfinite(value):
-        raise ValueError(f"reference must be finite, got {value}")
+        raise ValueError(f"{name} must be finite, got {value}")
     return float(value)

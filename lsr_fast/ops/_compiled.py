@@ -33,6 +33,7 @@ OPS = (
 )
 _DISPATCH_KEY = {"cpp": "CPU", "cuda": "CUDA"}
 NORM_MODES = {"source": 0, "target": 1}
+DISTANCES = {"squared_l2": 0, "l1_mean": 1}
 
 
 def unavailable_reason(backend: str) -> str:
@@ -95,7 +96,7 @@ if not _LOAD_ERROR:
         return torch.empty_like(features)
 
     @torch.library.register_fake("lsr_fast::feature_terms")
-    def _(features, labels, prototypes, reference, norm_mode, ignore_index):
+    def _(features, labels, prototypes, reference, norm_mode, ignore_index, distance=0, filtered=False):
         _same_device("feature_terms", features=features, labels=labels, prototypes=prototypes, reference=reference)
         acc = _accumulate_dtype(features.dtype)
         num_classes = prototypes.shape[0]
@@ -108,7 +109,10 @@ if not _LOAD_ERROR:
         )
 
     @torch.library.register_fake("lsr_fast::feature_terms_backward")
-    def _(grad_sums, grad_sq, grad_norm_loss, grad_norm_sum, features, labels, prototypes, reference, norm_mode, ignore_index):
+    def _(
+        grad_sums, grad_sq, grad_norm_loss, grad_norm_sum, features, labels, prototypes, reference, norm_mode, ignore_index,
+        distance=0, filtered=False,
+    ):
         _same_device(
             "feature_terms_backward", features=features, labels=labels, prototypes=prototypes, reference=reference,
             grad_sums=grad_sums, grad_sq_dist_sums=grad_sq, grad_norm_loss_sum=grad_norm_loss, grad_norm_sum=grad_norm_sum,
@@ -140,9 +144,9 @@ if not _LOAD_ERROR:
     torch.library.register_autograd("lsr_fast::class_feature_stats", _stats_backward, setup_context=_stats_setup)
 
     def _terms_setup(ctx, inputs, output):
-        features, labels, prototypes, reference, norm_mode, ignore_index = inputs
+        features, labels, prototypes, reference, norm_mode, ignore_index, distance, filtered = inputs
         ctx.save_for_backward(features, labels, prototypes, reference)
-        ctx.norm_mode, ctx.ignore_index = norm_mode, ignore_index
+        ctx.norm_mode, ctx.ignore_index, ctx.distance, ctx.filtered = norm_mode, ignore_index, distance, filtered
 
     def _terms_backward(ctx, grad_sums, grad_counts, grad_sq, grad_norm_loss, grad_norm_sum):
         features, labels, prototypes, reference = ctx.saved_tensors
@@ -159,9 +163,9 @@ if not _LOAD_ERROR:
             grad_norm_sum = features.new_zeros((), dtype=acc)
         grad = torch.ops.lsr_fast.feature_terms_backward(
             grad_sums.contiguous(), grad_sq.contiguous(), grad_norm_loss, grad_norm_sum,
-            features, labels, prototypes, reference, ctx.norm_mode, ctx.ignore_index,
+            features, labels, prototypes, reference, ctx.norm_mode, ctx.ignore_index, ctx.distance, ctx.filtered,
         )
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
     torch.library.register_autograd("lsr_fast::feature_terms", _terms_backward, setup_context=_terms_setup)
 
@@ -200,8 +204,14 @@ def feature_terms(
     reference: Union[float, torch.Tensor],
     mode: str,
     ignore_index: int,
+    distance: str = "squared_l2",
+    filtered: bool = False,
 ):
-    """One pass: (sums (C,K), counts (C,), squared-distance sums (C,), norm-loss sum, norm sum)."""
+    """One pass: (sums (C,K), counts (C,), distance sums (C,), norm-loss sum, norm sum).
+
+    ``distance``: "squared_l2" (||f - p_c||^2) or "l1_mean" (sum_k |f_k - p_ck|; the mean over
+    channels is clustering_from_sums' division); ``filtered``: the norm-loss sum of the filtered
+    norms (see lsr_fast.reference.feature_terms)."""
     acc = _accumulate_dtype(features.dtype)
     if not isinstance(reference, torch.Tensor):
         reference = torch.tensor(reference, dtype=acc)
@@ -209,7 +219,9 @@ def feature_terms(
     # A copy: the op saves it for backward, and callers (LSRRegularizer) update their prototype
     # bank in place before backward runs; (C, K) costs nothing next to the pass over features.
     prototypes = prototypes.detach().to(device=features.device, dtype=acc, memory_format=torch.contiguous_format, copy=True)
-    return torch.ops.lsr_fast.feature_terms(features, labels, prototypes, reference, NORM_MODES[mode], ignore_index)
+    return torch.ops.lsr_fast.feature_terms(
+        features, labels, prototypes, reference, NORM_MODES[mode], ignore_index, DISTANCES[distance], bool(filtered)
+    )
 
 
 clustering_loss, norm_alignment_loss = losses_from_feature_terms(feature_terms)

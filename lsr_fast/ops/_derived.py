@@ -8,19 +8,21 @@ from ..reference import _accumulate_dtype, clustering_from_sums
 
 
 def losses_from_feature_terms(feature_terms: Callable) -> Tuple[Callable, Callable]:
-    """(clustering_loss, norm_alignment_loss) with the reference's signatures, each one call
-    of a backend's ``feature_terms(features, labels, prototypes, reference, mode, ignore_index)``."""
+    """(clustering_loss, norm_alignment_loss) with the reference's signatures, each one call of a
+    backend's ``feature_terms(features, labels, prototypes, reference, mode, ignore_index,
+    distance, filtered)``."""
 
-    def clustering_loss(features, labels, prototypes, valid, ignore_index):
-        _, counts, sq_dist_sums, _, _ = feature_terms(features, labels, prototypes, 0.0, "source", ignore_index)
-        return clustering_from_sums(sq_dist_sums, counts, valid)
+    def clustering_loss(features, labels, prototypes, valid, ignore_index, distance="squared_l2"):
+        _, counts, dist_sums, _, _ = feature_terms(features, labels, prototypes, 0.0, "source", ignore_index, distance, False)
+        return clustering_from_sums(dist_sums, counts, valid, distance=distance, width=features.shape[1])
 
-    def norm_alignment_loss(features, reference, mode):
+    def norm_alignment_loss(features, reference, mode, relative_to=None, filtered=False):
         rows = features.shape[0] if features.dim() == 2 else features.shape[0] * features.shape[2] * features.shape[3]
         # With zero classes (and every label equal to ignore_index) only the norm terms count.
         all_void = torch.zeros(features.shape[:1] + features.shape[2:], dtype=torch.uint8, device=features.device)
         no_prototypes = features.new_zeros((0, features.shape[1]), dtype=_accumulate_dtype(features))
-        _, _, _, norm_loss_sum, _ = feature_terms(features, all_void, no_prototypes, reference, mode, 0)
-        return norm_loss_sum / rows
+        _, _, _, norm_loss_sum, _ = feature_terms(features, all_void, no_prototypes, reference, mode, 0, "squared_l2", filtered)
+        loss = norm_loss_sum / rows
+        return loss if relative_to is None else loss / relative_to
 
     return clustering_loss, norm_alignment_loss

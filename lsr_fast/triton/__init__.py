@@ -30,6 +30,7 @@ except ImportError as error:  # the optional dependency is missing
     _IMPORT_ERROR = f"triton is not installed ({error})"
 
 NORM_MODES = {"source": 0, "target": 1}
+DISTANCES = {"squared_l2": 0, "l1_mean": 1}
 
 
 def unavailable_reason(backend: str = "triton") -> str:
@@ -132,15 +133,21 @@ def feature_terms(
     reference: Union[float, torch.Tensor],
     mode: str,
     ignore_index: int,
+    distance: str = "squared_l2",
+    filtered: bool = False,
 ):
-    """One pass: (sums (C,K), counts (C,), squared-distance sums (C,), norm-loss sum, norm sum)."""
+    """One pass: (sums (C,K), counts (C,), distance sums (C,), norm-loss sum, norm sum).
+
+    ``distance``: "squared_l2" (||f - p_c||^2) or "l1_mean" (sum_k |f_k - p_ck|; the caller
+    averages over K). ``filtered``: the norm-loss sum is of the filtered norms ||f~||."""
     acc = _accumulate_dtype(features.dtype)
     reference = _reference_tensor(reference, acc, features.device)
     # Copies: the op saves them for backward, and callers update their prototype bank (and
     # norm reference) in place before calling backward (LSRRegularizer does, after forward);
     # a (C, K) copy costs nothing next to the pass over the features.
     prototypes = prototypes.detach().to(device=features.device, dtype=acc, memory_format=torch.contiguous_format, copy=True)
-    outputs = torch.ops.lsr_fast_triton.feature_terms(features, labels, prototypes, reference, NORM_MODES[mode], ignore_index)
+    outputs = torch.ops.lsr_fast_triton.feature_terms(
+        features, labels, prototypes, reference, NORM_MODES[mode], ignore_index, DISTANCES[distance], bool(filtered))
     return tuple(outputs[:5])
 
 

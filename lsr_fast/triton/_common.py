@@ -103,6 +103,15 @@ def sqrt_acc(x, IS_FP64: tl.constexpr):
         return tl.sqrt_rn(x)
 
 
+@triton.jit
+def div_acc(x, y, IS_FP64: tl.constexpr):
+    """Correctly rounded x / y in the accumulation type (float32 `/` is approximate on a GPU)."""
+    if IS_FP64:
+        return x / y  # float64 division is IEEE-rounded
+    else:
+        return tl.math.div_rn(x, y * 1.0)  # y may be an int (K), or the constant 1
+
+
 # ---- memory layouts ------------------------------------------------------------------------
 
 
