@@ -64,13 +64,15 @@ PAPER_SHAPES = ("gta5", "synthia", "cityscapes")
 DEFAULT_SHAPES = ("gta5", "synthia", "cityscapes", "small")
 
 # op -> the passes it has. "losses" is clustering + norm alignment + perpendicularity of one feature
-# map through lsr_fast.feature_terms (what LSRRegularizer computes per domain); "regularizer" is a
+# map through lsr_fast.feature_terms (what LSRRegularizer computes per domain), "losses_released"
+# the same with the released code's forms (L1-mean clustering, relative filtered norm); "regularizer" is a
 # whole LSRRegularizer call (GTA5 preset, or SYNTHIA's for 16 classes) on one source and one target.
 OPS = {
     "hist_downsample": ("fwd",),
     "pseudo_label_downsample": ("fwd",),
     "class_feature_stats": ("fwd", "fwd+bwd"),
     "losses": ("fwd", "fwd+bwd"),
+    "losses_released": ("fwd", "fwd+bwd"),
     "maxsquare_loss": ("fwd", "fwd+bwd"),
     "regularizer": ("fwd", "fwd+bwd"),
 }
@@ -226,15 +228,18 @@ def _forward(op: str, x: dict, s: Shape, backend: str, backward: bool) -> Tuple[
             return (sums * x["grad_weights"]).sum()
 
         return forward, [f]
-    if op == "losses":
+    if op in ("losses", "losses_released"):
         f = leaf("features")
         vectors = s.h * s.w
+        released = op == "losses_released"
+        form = dict(distance="l1_mean", filtered=True, relative_to=x["norm_reference"]) if released else {}
+        distance = form.get("distance", "squared_l2")
 
         def forward():
-            sums, counts, sq, norm_loss, _ = lsr_fast.feature_terms(
-                f, x["small"], x["prototypes"], x["norm_reference"], mode="source", backend=backend)
+            sums, counts, dist, norm_loss, _ = lsr_fast.feature_terms(
+                f, x["small"], x["prototypes"], x["norm_reference"], mode="source", backend=backend, **form)
             batch_prototypes = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
-            return (reference.clustering_from_sums(sq, counts) + norm_loss / vectors
+            return (reference.clustering_from_sums(dist, counts, distance=distance, width=s.K) + norm_loss / vectors
                     + lsr_fast.perpendicularity_loss(batch_prototypes, counts > 0))
 
         return forward, [f]
@@ -271,12 +276,14 @@ def bytes_moved(case: Case, x: dict) -> int:
         "pseudo_label_downsample": pseudo,
         "class_feature_stats": feats + small + table,
         "losses": terms_fwd,
+        "losses_released": terms_fwd,
         "maxsquare_loss": nb(x["probs"]),
         "regularizer": hist + pseudo + 2 * terms_fwd + nb(x["probs"]),
     }[case.op]
     backward = {
         "class_feature_stats": feats + small + table,  # labels and grad sums in; grad out
         "losses": terms_bwd,
+        "losses_released": terms_bwd,
         "maxsquare_loss": 2 * nb(x["probs"]),
         "regularizer": 2 * terms_bwd + 2 * nb(x["probs"]),
     }.get(case.op, 0)

@@ -14,10 +14,20 @@ from torch import nn
 from . import ops, reference
 
 # Weights published with the authors' code (DESIGN.md): GTA5 -> Cityscapes, SYNTHIA -> Cityscapes.
+# "gta5"/"synthia" pair them with the paper's equations; "*_released" with the loss forms of the
+# released code they were tuned on (L1-mean clustering, relative filtered norms, Delta = 0.1).
+# With the equations, lambda_C = 0.1 on a squared L2 over K = 2048 channels weighs clustering
+# thousands of times more than when it was tuned.
+_GTA5 = dict(num_classes=19, lambda_cluster=0.1, lambda_perp=0.2, lambda_norm=0.025, lambda_entropy=0.1, alpha=0.2)
+_SYNTHIA = dict(num_classes=16, lambda_cluster=0.05, lambda_perp=0.2, lambda_norm=0.1, lambda_entropy=0.1, alpha=0.0)
+_RELEASED = dict(clustering_distance="l1_mean", norm_form="released", norm_delta=0.1)
 PRESETS = {
-    "gta5": dict(num_classes=19, lambda_cluster=0.1, lambda_perp=0.2, lambda_norm=0.025, lambda_entropy=0.1, alpha=0.2),
-    "synthia": dict(num_classes=16, lambda_cluster=0.05, lambda_perp=0.2, lambda_norm=0.1, lambda_entropy=0.1, alpha=0.0),
+    "gta5": _GTA5,
+    "synthia": _SYNTHIA,
+    "gta5_released": {**_GTA5, **_RELEASED},
+    "synthia_released": {**_SYNTHIA, **_RELEASED},
 }
+NORM_FORMS = ("paper", "released")
 
 TERMS = ("clustering_source", "clustering_target", "perpendicularity", "norm_source", "norm_target", "entropy")
 
@@ -29,6 +39,14 @@ class LSRRegularizer(nn.Module):
     Buffers: ``prototypes`` (C, K) float32, the EMA prototypes p^ (Eqs. 2-3); ``seen`` (C,), the
     classes whose p^ has been estimated; ``mean_source_norm``, f-bar_s of the last step; and
     ``steps``, the number of training-mode calls. In eval mode nothing is updated.
+
+    Loss forms. ``clustering_distance="squared_l2"`` is Eq. 5, ``"l1_mean"`` the released code's
+    L1 mean over the class's vectors and channels, summed over classes and divided by C.
+    ``norm_form="paper"`` is Eqs. 7-8 with r = f-bar_s of the previous step + Delta;
+    ``"released"`` is the released code's |‖f~‖ - (n + Delta)| / n on both domains (no hinge on
+    the target), f~ the vector with its channels below its own mean channel value zeroed, n the
+    current source batch's mean unfiltered norm (detached; one extra read of the source map,
+    since n is needed before the fused pass).
 
     Order within a step (a choice DESIGN.md leaves open, made so each domain is one fused pass):
     both clustering terms use p^ and ``seen`` as they stood at the start of the step; the EMA is
@@ -73,6 +91,8 @@ class LSRRegularizer(nn.Module):
         confidence: float = 0.5,
         ignore_index: int = 255,
         prototype_init: str = "zero",
+        clustering_distance: str = "squared_l2",
+        norm_form: str = "paper",
         backend: str = "auto",
         distributed: str = "auto",
         process_group: Optional[dist.ProcessGroup] = None,
@@ -94,6 +114,10 @@ class LSRRegularizer(nn.Module):
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        if clustering_distance not in ops.DISTANCES:
+            raise ValueError(f"clustering_distance must be one of {ops.DISTANCES}, got {clustering_distance!r}")
+        if norm_form not in NORM_FORMS:
+            raise ValueError(f"norm_form must be one of {NORM_FORMS}, got {norm_form!r}")
         if prototype_init not in ("zero", "first"):
             raise ValueError(f"prototype_init must be 'zero' (paper) or 'first', got {prototype_init!r}")
         if distributed not in ("auto", "on", "off"):
@@ -105,6 +129,7 @@ class LSRRegularizer(nn.Module):
         self.label_threshold, self.confidence = float(label_threshold), float(confidence)
         self.ignore_index, self.prototype_init, self.backend = ignore_index, prototype_init, backend
         self.distributed, self.process_group = distributed, process_group
+        self.clustering_distance, self.norm_form = clustering_distance, norm_form
         self.register_buffer("prototypes", torch.zeros(num_classes, feature_dim))
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("mean_source_norm", torch.zeros(()))
@@ -114,7 +139,9 @@ class LSRRegularizer(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, feature_dim: int = 2048, **overrides) -> "LSRRegularizer":
-        """The published weights: ``"gta5"`` (19 classes) or ``"synthia"`` (16 classes), L+ form."""
+        """The published weights: ``"gta5"`` (19 classes) or ``"synthia"`` (16 classes), L+ form,
+        with the paper's equations, or ``"gta5_released"``/``"synthia_released"`` with the
+        released code's loss forms (what the weights were tuned on)."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
         return cls(feature_dim=feature_dim, **{**PRESETS[name], **overrides})
@@ -203,9 +230,10 @@ class LSRRegularizer(nn.Module):
             )
 
         group = self._sync_group()
-        if self._norm_initialised:
+        released = self.norm_form == "released"
+        if self._norm_initialised and not released:
             f_bar = self.mean_source_norm
-        else:  # first step: f-bar_s of the current batch (all ranks' batches), detached
+        else:  # first step, or every step of the released form: the current batch's (all ranks'), detached
             # Accumulated as the losses are (float64 stays float64, half precision goes to float32).
             acc = torch.float64 if source_features.dtype == torch.float64 else torch.float32
             norms = torch.linalg.vector_norm(source_features.detach().to(acc), dim=1)
@@ -217,13 +245,15 @@ class LSRRegularizer(nn.Module):
         norm_reference = f_bar + self.norm_delta
 
         prototypes = self.prototypes.detach()  # the backends copy what they save for backward
-        common = dict(ignore_index=self.ignore_index, backend=self.backend)
+        common = dict(ignore_index=self.ignore_index, distance=self.clustering_distance, filtered=released,
+                      backend=self.backend)
         with _named_as(features="source_features", labels="source_labels"):
             s_sums, s_counts, s_sq, s_norm_loss, s_norm_sum = ops.feature_terms(
                 source_features, source_labels, prototypes, norm_reference, mode="source", **common)
         with _named_as(features="target_features"):
             t_sums, t_counts, t_sq, t_norm_loss, t_norm_sum = ops.feature_terms(
-                target_features, pseudo_labels, prototypes, norm_reference, mode="target", **common)
+                target_features, pseudo_labels, prototypes, norm_reference, mode="source" if released else "target",
+                **common)
         source_vectors = source_features.shape[0] * source_features.shape[2] * source_features.shape[3]
         target_vectors = target_features.shape[0] * target_features.shape[2] * target_features.shape[3]
         if self.lambda_entropy > 0:
@@ -246,12 +276,14 @@ class LSRRegularizer(nn.Module):
             entropy = entropy_sum / sizes[2]
 
         batch_prototypes = s_sums / s_counts.clamp(min=1).unsqueeze(1).to(s_sums.dtype)
+        clustering_form = dict(distance=self.clustering_distance, width=self.feature_dim)
+        norm_scale = f_bar if released else 1.0  # the released form is relative to n
         terms = {
-            "clustering_source": reference.clustering_from_sums(s_sq, s_counts, self.seen),
-            "clustering_target": reference.clustering_from_sums(t_sq, t_counts, self.seen),
+            "clustering_source": reference.clustering_from_sums(s_sq, s_counts, self.seen, **clustering_form),
+            "clustering_target": reference.clustering_from_sums(t_sq, t_counts, self.seen, **clustering_form),
             "perpendicularity": ops.perpendicularity_loss(batch_prototypes, s_counts > 0),
-            "norm_source": s_norm_loss / source_vectors,
-            "norm_target": t_norm_loss / target_vectors,
+            "norm_source": s_norm_loss / source_vectors / norm_scale,
+            "norm_target": t_norm_loss / target_vectors / norm_scale,
         }
         terms["entropy"] = entropy
         terms["total"] = (
@@ -293,7 +325,8 @@ class LSRRegularizer(nn.Module):
         return (
             f"num_classes={self.num_classes}, feature_dim={self.feature_dim}, lambda_cluster={self.lambda_cluster}, "
             f"lambda_perp={self.lambda_perp}, lambda_norm={self.lambda_norm}, lambda_entropy={self.lambda_entropy}, "
-            f"alpha={self.alpha}, momentum={self.momentum}, norm_delta={self.norm_delta}, backend={self.backend!r}"
+            f"alpha={self.alpha}, momentum={self.momentum}, norm_delta={self.norm_delta}, "
+            f"clustering_distance={self.clustering_distance!r}, norm_form={self.norm_form!r}, backend={self.backend!r}"
         )
 
 

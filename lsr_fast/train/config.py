@@ -104,7 +104,9 @@ SCHEMA: Dict[str, Any] = {
         "tensorboard": Field(True, "bool", "write TensorBoard scalars under out_dir/tb"),
     },
     "lsr": {
-        "preset": Field(None, "str", "start from the published weights of gta5 or synthia", ("gta5", "synthia"), nullable=True),
+        "preset": Field(None, "str", "start from the published weights of gta5 or synthia, with the paper's equations, "
+                        "or of gta5_released / synthia_released with the released code's loss forms they were tuned on",
+                        ("gta5", "synthia", "gta5_released", "synthia_released"), nullable=True),
         "lambda_cluster": Field(0.1, "float", "weight of the clustering terms (Eq. 5)"),
         "lambda_perp": Field(0.2, "float", "weight of the perpendicularity term (Eq. 6)"),
         "lambda_norm": Field(0.025, "float", "weight of the norm alignment terms (Eqs. 7-8)"),
@@ -115,6 +117,10 @@ SCHEMA: Dict[str, Any] = {
         "label_threshold": Field(0.5, "float", "histogram downsampling threshold T_h"),
         "confidence": Field(0.5, "float", "pseudo-label confidence threshold T_p"),
         "prototype_init": Field("zero", "str", "zero (paper) or first (first batch prototype)", ("zero", "first")),
+        "clustering_distance": Field("squared_l2", "str", "squared_l2 (Eq. 5) or l1_mean (the released code's form)",
+                                     ("squared_l2", "l1_mean")),
+        "norm_form": Field("paper", "str", "paper (Eqs. 7-8, r from the previous step) or released (relative, "
+                           "filtered, n from the current batch, no target hinge)", ("paper", "released")),
     },
     "experiment": {
         "adapt_steps": Field(1000, "int", "lsr-fast experiment: LSR adaptation steps, starting from the source-only run"),
