@@ -183,6 +183,7 @@ def class_weights(value: Optional[torch.Tensor], num_classes: int) -> Optional[t
     return value
 
 
+# The clustering distances, in the order of the raw ops' `distance` code (0, 1).
 DISTANCES = ("squared_l2", "l1_mean")
 
 

@@ -12,6 +12,7 @@ from typing import Union
 
 import torch
 
+from ._checks import DISTANCES
 from ._derived import losses_from_feature_terms
 
 try:
@@ -33,7 +34,6 @@ OPS = (
 )
 _DISPATCH_KEY = {"cpp": "CPU", "cuda": "CUDA"}
 NORM_MODES = {"source": 0, "target": 1}
-DISTANCES = {"squared_l2": 0, "l1_mean": 1}
 
 
 def unavailable_reason(backend: str) -> str:
@@ -220,7 +220,7 @@ def feature_terms(
     # bank in place before backward runs; (C, K) costs nothing next to the pass over features.
     prototypes = prototypes.detach().to(device=features.device, dtype=acc, memory_format=torch.contiguous_format, copy=True)
     return torch.ops.lsr_fast.feature_terms(
-        features, labels, prototypes, reference, NORM_MODES[mode], ignore_index, DISTANCES[distance], bool(filtered)
+        features, labels, prototypes, reference, NORM_MODES[mode], ignore_index, DISTANCES.index(distance), bool(filtered)
     )
 
 

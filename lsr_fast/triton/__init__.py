@@ -19,6 +19,7 @@ from typing import Union
 
 import torch
 
+from ..ops._checks import DISTANCES
 from ..ops._derived import losses_from_feature_terms
 
 try:
@@ -30,7 +31,6 @@ except ImportError as error:  # the optional dependency is missing
     _IMPORT_ERROR = f"triton is not installed ({error})"
 
 NORM_MODES = {"source": 0, "target": 1}
-DISTANCES = {"squared_l2": 0, "l1_mean": 1}
 
 
 def unavailable_reason(backend: str = "triton") -> str:
@@ -147,7 +147,7 @@ def feature_terms(
     # a (C, K) copy costs nothing next to the pass over the features.
     prototypes = prototypes.detach().to(device=features.device, dtype=acc, memory_format=torch.contiguous_format, copy=True)
     outputs = torch.ops.lsr_fast_triton.feature_terms(
-        features, labels, prototypes, reference, NORM_MODES[mode], ignore_index, DISTANCES[distance], bool(filtered))
+        features, labels, prototypes, reference, NORM_MODES[mode], ignore_index, DISTANCES.index(distance), bool(filtered))
     return tuple(outputs[:5])
 
 
