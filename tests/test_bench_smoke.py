@@ -182,6 +182,22 @@ def test_bad_options_are_named(option, value, capsys):
     assert option in capsys.readouterr().err
 
 
+def test_profiler_lines_stay_out_of_the_output(tmp_path):
+    """The CPU peak memory runs torch.profiler, whose kineto printed "USDT: ... profiler_start" and
+    "profiler_stop" around every case. A fresh process (kineto reads its log level once), through
+    ``python -m lsr_fast.bench`` as scripts/gpu_session.sh runs it."""
+    env = {name: value for name, value in os.environ.items() if name != "KINETO_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    args = QUICK + ["--ops", "hist_downsample", "--backends", "reference", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-m", "lsr_fast.bench", *args], check=False, capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[1/1] hist_downsample-tiny-fwd-int64-reference: " in done.stdout
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert report["results"][0]["peak_bytes"] is not None  # the profiler did run
+    assert "profiler_start" not in done.stdout + done.stderr and "profiler_stop" not in done.stdout + done.stderr
+
+
 def test_cases_reject_unknown_names():
     with pytest.raises(ValueError, match="shapes: unknown 'huge'"):
         bench.cases(torch.device("cpu"), shapes=["huge"])

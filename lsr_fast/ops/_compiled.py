@@ -213,9 +213,12 @@ def feature_terms(
     channels is clustering_from_sums' division); ``filtered``: the norm-loss sum of the filtered
     norms (see lsr_fast.reference.feature_terms)."""
     acc = _accumulate_dtype(features.dtype)
-    if not isinstance(reference, torch.Tensor):
-        reference = torch.tensor(reference, dtype=acc)
-    reference = reference.detach().to(device=features.device, dtype=acc)
+    if isinstance(reference, torch.Tensor):
+        reference = reference.detach().to(device=features.device, dtype=acc)
+    else:
+        # Filled on the device: a tensor made on the host and moved would be a blocking
+        # host-to-device copy on every call (clustering_loss passes 0.0 each time).
+        reference = torch.full((), float(reference), dtype=acc, device=features.device)
     # A copy: the op saves it for backward, and callers (LSRRegularizer) update their prototype
     # bank in place before backward runs; (C, K) costs nothing next to the pass over features.
     prototypes = prototypes.detach().to(device=features.device, dtype=acc, memory_format=torch.contiguous_format, copy=True)

@@ -1,0 +1,7 @@
+"""``python -m lsr_fast.bench [options]``: the same as ``lsr-fast bench``."""
+
+import sys
+
+from lsr_fast.bench.command import main
+
+sys.exit(main())
