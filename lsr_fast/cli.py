@@ -132,15 +132,21 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def experiment_command(args: argparse.Namespace) -> int:
-    from .train.experiment import run_experiment
+    import json
+
+    from .train.experiment import plan, run_experiment
 
     config = _config_from_args(args)
-    run_experiment(config, runs=args.runs, resume=args.resume, analyze=not args.no_analysis)
+    if args.plan:
+        print(json.dumps(plan(config, args.source), indent=2))
+        return 0
+    run_experiment(config, runs=args.runs, analyze=not args.no_analysis, source_overrides=args.source)
     return 0
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from .eval.evaluate import evaluate, load_iou_table, markdown_table, per_class_iou, report, write_report
+    from .eval.evaluate import (PROTOCOL_TITLES, PROTOCOLS, evaluate, load_iou_table, markdown_table, per_class_iou,
+                                report, write_protocol_report)
     from .train.build import build_eval_dataset
     from .train.checkpoint import load_for_inference
 
@@ -148,23 +154,29 @@ def eval_command(args: argparse.Namespace) -> int:
     bundle = load_for_inference(args.checkpoint, device)
     dataset = build_eval_dataset(bundle.config, dataset=args.dataset, root=args.root, split=args.split)
 
-    def confusion_of(model):
-        return evaluate(model, dataset, bundle.num_classes, device=device, flip=args.flip,
-                        max_images=args.max_images, progress=True)
+    def confusions_of(bundle):
+        return evaluate(bundle.model, dataset, bundle.num_classes, device=device, flip=args.flip,
+                        align_corners=bundle.config["model"]["align_corners"], max_images=args.max_images,
+                        progress=True, protocols=PROTOCOLS)
 
-    supervised, source = None, "paper target-only table (DESIGN.md)"
+    supervised, source = {}, "paper target-only table (DESIGN.md)"
     if args.supervised_checkpoint:
         reference = load_for_inference(args.supervised_checkpoint, device)
-        supervised, source = per_class_iou(confusion_of(reference.model)), f"checkpoint {args.supervised_checkpoint}"
+        supervised = {p: per_class_iou(c) for p, c in confusions_of(reference).items()}
+        source = f"checkpoint {args.supervised_checkpoint} (same protocol)"
     elif args.supervised_table:
-        supervised, source = load_iou_table(args.supervised_table, bundle.num_classes), f"table {args.supervised_table}"
-    result = report(confusion_of(bundle.model), supervised_iou=supervised, supervised_source=source)
-    result.update(name=os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or "result",
-                  checkpoint=args.checkpoint, step=bundle.step, dataset=len(dataset), flip=args.flip)
-    print(markdown_table({result["name"]: result}))
-    print(f"mASR against the {source}")
+        table = load_iou_table(args.supervised_table, bundle.num_classes)
+        supervised, source = {p: table for p in PROTOCOLS}, f"table {args.supervised_table}"
+    results = {p: report(c, supervised_iou=supervised.get(p), supervised_source=source)
+               for p, c in confusions_of(bundle).items()}
+    name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) or "result"
+    images = len(dataset) if args.max_images is None else min(len(dataset), args.max_images)
+    print(markdown_table({PROTOCOL_TITLES[p]: r for p, r in results.items()}))
+    print(f"{name}, step {bundle.step}, {images} images; mASR against the {source}")
     out = args.out or os.path.splitext(args.checkpoint)[0] + "_eval"
-    write_report(result, out, title=f"Evaluation of {args.checkpoint}")
+    info = dict(name=name, checkpoint=args.checkpoint, step=bundle.step, images=images, flip=args.flip,
+                align_corners=bundle.config["model"]["align_corners"], masr_reference=source)
+    write_protocol_report(results, out, title=f"Evaluation of {args.checkpoint}", info=info)
     print(f"results written to {out}.json and {out}.md")
     return 0
 
@@ -197,13 +209,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
                            help="continue the run exactly from this checkpoint")
         else:
-            p.add_argument("--resume", action="store_true", help="resume runs whose last.pt exists")
+            p.add_argument("--resume", action="store_true",
+                           help="accepted for old scripts: a rerun always skips finished stages and resumes the others")
             p.add_argument("--runs", nargs="+", choices=("target_only", "source_only", "lsr", "source_only_continued"),
-                           help="train only these runs (default: all; source_only_continued when experiment.control)")
+                           help="train only these stages (default: all of experiment.target_only, source_only, lsr, "
+                                "source_only_continued when experiment.control)")
+            p.add_argument("--plan", action="store_true",
+                           help="print every stage's resolved protocol as JSON and exit (trains nothing, reads no image)")
+            p.add_argument("--source", action="append", default=[], metavar="key=value",
+                           help="override for the source pre-training stage only (after experiment.source_config)")
             p.add_argument("--no-analysis", action="store_true", help="skip the latent-space figures")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint at full label resolution: per-class IoU, mIoU, mASR")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: per-class IoU, mIoU, mASR with labels at full resolution "
+                       "and at the network's input size, side by side")
     p.add_argument("--checkpoint", required=True, help="a training checkpoint (last.pt / best.pt)")
     p.add_argument("--dataset", choices=("synthetic", "cityscapes", "gta5", "synthia"), help="default: the run's validation dataset")
     p.add_argument("--root", help="dataset root folder (real datasets)")

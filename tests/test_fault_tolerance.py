@@ -99,7 +99,7 @@ def test_two_process_gloo_training_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "ddp"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "lsr_fast.train", *TINY, f"out_dir={out}"]
-    first = subprocess.run([*torchrun, "train.steps=2"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    first = subprocess.run([*torchrun, "train.steps=2", "optim.poly_steps=3"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert load_checkpoint(str(out / "last.pt"))["step"] == 2
     second = subprocess.run([*torchrun, "train.steps=3", "--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -1,5 +1,7 @@
 """The trainer, its config, checkpoints and evaluation, on tiny synthetic scenes (CPU)."""
 
+import copy
+import glob
 import json
 import math
 import os
@@ -215,17 +217,24 @@ def test_fast_and_reference_paths_give_the_same_losses(tmp_path):
 
 def test_cli_train_eval_and_resume(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert cli(["train", *TINY, "train.steps=2", f"out_dir={out}"]) == 0
+    assert cli(["train", *TINY, "train.steps=2", "optim.poly_steps=3", f"out_dir={out}"]) == 0
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file() and (out / "config.yaml").is_file()
     records = read_metrics(out)
     assert [r["step"] for r in records if "train.loss" in r] == [1, 2]
     assert any("val.miou" in r for r in records)
-    assert cli(["train", *TINY, "train.steps=3", f"out_dir={out}", "--resume"]) == 0
+    # Where training stops may change on resume; the poly horizon may not.
+    capsys.readouterr()
+    assert cli(["train", *TINY, "train.steps=3", "optim.poly_steps=4", f"out_dir={out}", "--resume"]) == 2
+    assert "optim.poly_steps (3 -> 4)" in capsys.readouterr().err
+    assert cli(["train", *TINY, "train.steps=3", f"out_dir={out}", "--resume"]) == 0  # horizon still 3
     assert load_checkpoint(str(out / "last.pt"))["step"] == 3
     assert cli(["eval", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "ev")]) == 0
     result = json.loads((tmp_path / "ev.json").read_text())
-    assert result["step"] == 3 and 0 <= result["miou"] <= 100 and "masr" in result
-    assert "| **mIoU** |" in (tmp_path / "ev.md").read_text()
+    assert result["step"] == 3 and set(result["protocols"]) == {"full_resolution", "input_resolution"}
+    for protocol in result["protocols"].values():
+        assert 0 <= protocol["miou"] <= 100 and "masr" in protocol
+    markdown = (tmp_path / "ev.md").read_text()
+    assert "| **mIoU** |" in markdown and "labels at full resolution" in markdown and "network input size" in markdown
     # Errors name what is wrong and exit 2, no traceback.
     assert cli(["train", *TINY, "train.nope=1"]) == 2
     assert "train.nope" in capsys.readouterr().err
@@ -304,13 +313,15 @@ def test_eval_with_flip_and_a_supervised_checkpoint(tmp_path):
     assert cli(["eval", "--checkpoint", checkpoint, "--flip", "--supervised-checkpoint", checkpoint,
                 "--out", str(tmp_path / "self")]) == 0
     result = json.loads((tmp_path / "self.json").read_text())
-    assert result["flip"] is True and result["masr"] == pytest.approx(100.0)
+    assert result["flip"] is True
+    for protocol in ("full_resolution", "input_resolution"):  # each protocol against the same protocol
+        assert result["protocols"][protocol]["masr"] == pytest.approx(100.0)
     table = tmp_path / "table.json"
     table.write_text(json.dumps([50.0] * 19))
     assert cli(["eval", "--checkpoint", checkpoint, "--supervised-table", str(table), "--out", str(tmp_path / "t")]) == 0
-    result = json.loads((tmp_path / "t.json").read_text())
-    ious = [v for v in result["per_class_iou"].values() if v is not None]
-    assert result["masr"] == pytest.approx(sum(v / 50.0 for v in ious) / len(ious) * 100)
+    for result in json.loads((tmp_path / "t.json").read_text())["protocols"].values():
+        ious = [v for v in result["per_class_iou"].values() if v is not None]
+        assert result["masr"] == pytest.approx(sum(v / 50.0 for v in ious) / len(ious) * 100)
 
 
 def test_target_only_and_source_only_modes(tmp_path):
@@ -580,6 +591,18 @@ def test_experiment_runs_three_trainings_and_one_table(tmp_path, capsys):
     assert control["config"]["optim"]["lr"] == 0.001 and control["regularizer"] is None
     table = open(result["summary"]).read()
     assert "| | target_only | source_only | lsr | source_only_continued |" in table and "held-out synthetic target images (seed 3)" in table
-    # A second run into the same folder is refused rather than overwriting it.
-    with pytest.raises(ConfigError, match="already holds a run"):
-        run_experiment(config, analyze=False)
+    assert "## labels at full resolution" in table and "## labels at network input size (nearest)" in table
+    assert set(result["protocols"]) == {"full_resolution", "input_resolution"}
+    assert result["protocols"]["full_resolution"] == result["results"]
+    # Run again: every stage is finished, so nothing trains and nothing is rewritten.
+    stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(config["out_dir"], "**", "*.*"), recursive=True)}
+    capsys.readouterr()
+    again = run_experiment(config, analyze=False)
+    assert again["seconds"] == {} and again["results"] == json.loads(json.dumps(result["results"]))
+    assert "finished in" in capsys.readouterr().out
+    assert stamps == {p: os.stat(p).st_mtime_ns for p in stamps}
+    # A finished stage asked for with another recipe is refused, not retrained over.
+    changed = copy.deepcopy(config)
+    changed["optim"]["lr"] = 0.02
+    with pytest.raises(ConfigError, match=r"stage target_only .* another config .*optim.lr"):
+        run_experiment(changed, analyze=False)

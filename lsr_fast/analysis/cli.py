@@ -109,6 +109,7 @@ def analyze_checkpoints(
             bundle.model, (data[j] for j in indices), num_classes,
             samples_per_class=samples_per_class if needs_vectors else None, seed=seed, device=device,
             backend=backend, downsampling=(i == 0 and "downsampling" in figures),
+            align_corners=bundle.config["model"]["align_corners"],
             progress=_progress(label, len(indices), log),
         )
         log(f"{label}: {stats.images} images, features {stats.feature_size[0]}x{stats.feature_size[1]}"

@@ -87,6 +87,7 @@ def collect(
     threshold: float = 0.5,
     ignore_index: int = 255,
     downsampling: bool = True,
+    align_corners: bool = False,
     progress: Optional[Callable[[int], None]] = None,
 ) -> FeatureStats:
     """Run ``model`` (``model(images) -> (logits (B, C, h, w), features (B, K, h, w))``) over
@@ -96,7 +97,8 @@ def collect(
     - labels at feature resolution with hist_downsample(threshold), and per-class sums and counts
       of every feature vector with class_feature_stats (the class means = prototypes);
     - a ClassReservoir of at most ``samples_per_class`` vectors per class (None: no reservoir);
-    - the confusion matrix of the logits upsampled (bilinear) to the label size, argmax;
+    - the confusion matrix of the logits upsampled (bilinear, ``align_corners`` as the run was
+      trained) to the label size, argmax;
     - with ``downsampling``, class histograms of the labels at full resolution and nearest- and
       hist-downsampled to feature resolution, and the first image's maps as an example.
     """
@@ -136,7 +138,7 @@ def collect(
         if reservoir is not None:
             reservoir.add(features, small)
 
-        logits = F.interpolate(logits.float(), size=tuple(label.shape[1:]), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits.float(), size=tuple(label.shape[1:]), mode="bilinear", align_corners=align_corners)
         confusion += confusion_matrix(logits.argmax(1), label, num_classes, ignore_index=ignore_index).cpu()
 
         if downsampling:

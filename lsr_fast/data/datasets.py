@@ -16,7 +16,8 @@ Layouts (``root`` is the folder given):
 
 A split list is a text file with one sample name per line (a trailing ``.png`` is allowed, so
 the lists published with earlier UDA code work as they are; blank lines and lines starting with
-``#`` are skipped). The dataset then holds exactly those samples, in that order.
+``#`` are skipped). The dataset then holds exactly those samples, in that order. An exclude
+list (same format) leaves its samples out, e.g. the held-out selection images of a training split.
 
 Converted labels: ``lsr-fast prepare-data ... --write-trainids`` writes each label once as an
 8-bit trainId PNG at ``TRAINID_DIR/<label path relative to root>``, where TRAINID_DIR defaults to
@@ -231,17 +232,21 @@ def read_split_list(path: str) -> List[str]:
     return names
 
 
-def select_names(listing: Listing, split_list: Optional[str]) -> List[str]:
-    """The listing's sample names, sorted, or those of the split list in its order (a name
-    without an image is an error naming the list and the name)."""
-    if split_list is None:
-        return sorted(listing.images)
-    names = read_split_list(split_list)
-    for name in names:
-        if name not in listing.images:
-            raise ValueError(
-                f"split list {os.fspath(split_list)}: {name!r} has no image in {listing.image_dir}"
-            )
+def select_names(listing: Listing, split_list: Optional[str], exclude_list: Optional[str] = None) -> List[str]:
+    """The listing's sample names, sorted, or those of the split list in its order, less those
+    of the exclude list (a listed name without an image is an error naming the list and the name)."""
+    names = sorted(listing.images) if split_list is None else read_split_list(split_list)
+    lists = [(split_list, names)] if split_list is not None else []
+    excluded = read_split_list(exclude_list) if exclude_list is not None else []
+    if exclude_list is not None:
+        lists.append((exclude_list, excluded))
+    for path, listed in lists:
+        for name in listed:
+            if name not in listing.images:
+                raise ValueError(f"split list {os.fspath(path)}: {name!r} has no image in {listing.image_dir}")
+    if excluded:
+        dropped = set(excluded)
+        names = [n for n in names if n not in dropped]
     return names
 
 
@@ -258,6 +263,7 @@ class _SegmentationDataset(torch.utils.data.Dataset):
         *,
         split: Optional[str],
         split_list: Optional[str],
+        exclude_list: Optional[str] = None,
         num_classes: int,
         trainid_dir: Optional[str],
         use_trainids: bool,
@@ -272,7 +278,7 @@ class _SegmentationDataset(torch.utils.data.Dataset):
         self.trainid_dir = (
             os.fspath(trainid_dir) if trainid_dir is not None else os.path.join(self.root, TRAINID_DIRNAME)
         )
-        names = select_names(listing, split_list)
+        names = select_names(listing, split_list, exclude_list)
         if not names:
             where = f"split list {os.fspath(split_list)}" if split_list is not None else listing.image_dir
             raise ValueError(f"{self.kind} dataset is empty: no images in {where}")
@@ -328,8 +334,8 @@ class GTA5Dataset(_SegmentationDataset):
 
     kind = "gta5"
 
-    def __init__(self, root, *, split_list=None, num_classes=19, trainid_dir=None, use_trainids=True):
-        super().__init__(root, split=None, split_list=split_list, num_classes=num_classes,
+    def __init__(self, root, *, split_list=None, exclude_list=None, num_classes=19, trainid_dir=None, use_trainids=True):
+        super().__init__(root, split=None, split_list=split_list, exclude_list=exclude_list, num_classes=num_classes,
                          trainid_dir=trainid_dir, use_trainids=use_trainids)
 
 
@@ -339,8 +345,8 @@ class SynthiaDataset(_SegmentationDataset):
 
     kind = "synthia"
 
-    def __init__(self, root, *, split_list=None, num_classes=16, trainid_dir=None, use_trainids=True):
-        super().__init__(root, split=None, split_list=split_list, num_classes=num_classes,
+    def __init__(self, root, *, split_list=None, exclude_list=None, num_classes=16, trainid_dir=None, use_trainids=True):
+        super().__init__(root, split=None, split_list=split_list, exclude_list=exclude_list, num_classes=num_classes,
                          trainid_dir=trainid_dir, use_trainids=use_trainids)
 
 
@@ -350,8 +356,9 @@ class CityscapesDataset(_SegmentationDataset):
 
     kind = "cityscapes"
 
-    def __init__(self, root, *, split="val", split_list=None, num_classes=19, trainid_dir=None, use_trainids=True):
-        super().__init__(root, split=split, split_list=split_list, num_classes=num_classes,
+    def __init__(self, root, *, split="val", split_list=None, exclude_list=None, num_classes=19, trainid_dir=None,
+                 use_trainids=True):
+        super().__init__(root, split=split, split_list=split_list, exclude_list=exclude_list, num_classes=num_classes,
                          trainid_dir=trainid_dir, use_trainids=use_trainids)
 
 

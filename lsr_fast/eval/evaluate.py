@@ -1,9 +1,15 @@
-"""Evaluation at full label resolution: predictions are upsampled to each label map's size.
+"""Evaluation under both protocols of the UDA literature, from one forward per image.
+
+- ``full_resolution``: logits upsampled (bilinear) to each label map's full size (2048x1024 for
+  Cityscapes), the protocol of most tables.
+- ``input_resolution``: labels downsampled with nearest (pixel centres, as PIL's NEAREST) to the
+  network's input size (1024x512 in the paper's configs) and logits upsampled to it, as the
+  authors' released code scores.
 
 ``evaluate`` returns the (C, C) confusion matrix over a dataset (sharded over the ranks of a
-distributed job and summed), ``report`` turns it into per-class IoU, mIoU (19, or 16 and 13 for
-SYNTHIA) and mASR against the paper's target-only table or a user's own, and ``write_report``
-saves it as JSON and Markdown.
+distributed job and summed), or one per protocol; ``report`` turns a matrix into per-class IoU,
+mIoU (19, or 16 and 13 for SYNTHIA) and mASR against the paper's target-only table or a user's
+own, and ``write_report`` / ``write_protocol_report`` save JSON and Markdown.
 """
 
 from __future__ import annotations
@@ -36,31 +42,56 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, size, *, flip: bool = False, amp: str = "none") -> torch.Tensor:
-    """Class probabilities (B, C, *size) from the network's logits, bilinearly upsampled; with
-    ``flip`` the mean with the mirrored image's prediction."""
+PROTOCOLS = ("full_resolution", "input_resolution")
+PROTOCOL_TITLES = {"full_resolution": "labels at full resolution",
+                   "input_resolution": "labels at network input size (nearest)"}
+
+
+def _logits(model: torch.nn.Module, images: torch.Tensor, flip: bool, amp: str):
     with autocast(images.device, amp):
-        logits = model(images)[0]
-    probs = torch.softmax(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False), 1)
-    if flip:
-        with autocast(images.device, amp):
-            flipped = model(images.flip(-1))[0]
-        probs = 0.5 * (probs + torch.softmax(F.interpolate(flipped.float(), size=size, mode="bilinear", align_corners=False), 1).flip(-1))
+        logits = model(images)[0].float()
+        flipped = model(images.flip(-1))[0].float() if flip else None
+    return logits, flipped
+
+
+def _probabilities(logits: torch.Tensor, flipped: Optional[torch.Tensor], size, align_corners: bool) -> torch.Tensor:
+    def up(x):
+        return torch.softmax(F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners), 1)
+
+    probs = up(logits)
+    if flipped is not None:
+        probs = 0.5 * (probs + up(flipped).flip(-1))
     return probs
 
 
 @torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, size, *, flip: bool = False, amp: str = "none",
+            align_corners: bool = False) -> torch.Tensor:
+    """Class probabilities (B, C, *size) from the network's logits, bilinearly upsampled (with
+    ``align_corners`` as the run was trained); with ``flip`` the mean with the mirrored image's
+    prediction."""
+    return _probabilities(*_logits(model, images, flip, amp), size, align_corners)
+
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, num_classes: int, *, device: torch.device, flip: bool = False,
-             amp: str = "none", channels_last: bool = False, rank: int = 0, world_size: int = 1,
-             max_images: Optional[int] = None, progress: bool = False) -> torch.Tensor:
+             amp: str = "none", channels_last: bool = False, align_corners: bool = False, rank: int = 0,
+             world_size: int = 1, max_images: Optional[int] = None, progress: bool = False,
+             protocols: Optional[Sequence[str]] = None):
     """Confusion matrix (C, C) int64 on the CPU over ``dataset`` (items: normalised image at the
-    network's input size, label at full resolution). Rank r takes images r, r + R, ...; the
-    caller sums the ranks' matrices."""
+    network's input size, label at full resolution) under the full-resolution protocol; with
+    ``protocols`` (a subset of PROTOCOLS) a dict protocol -> matrix, from the same forwards.
+    Rank r takes images r, r + R, ...; the caller sums the ranks' matrices."""
+    wanted = ("full_resolution",) if protocols is None else tuple(protocols)
+    unknown = [p for p in wanted if p not in PROTOCOLS]
+    if unknown or not wanted:
+        raise ValueError(f"protocols must name some of {', '.join(PROTOCOLS)}, got {protocols!r}")
+    from ..data.transforms import resize_label
+
     was_training = model.training
     model.eval()
     count = len(dataset) if max_images is None else min(len(dataset), max_images)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    confusions = {p: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) for p in wanted}
     indices = range(rank, count, world_size)
     if progress:
         from tqdm import tqdm
@@ -71,11 +102,18 @@ def evaluate(model: torch.nn.Module, dataset, num_classes: int, *, device: torch
         image = item["image"].unsqueeze(0).to(device)
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        label = item["label"].to(device)
-        probs = predict(model, image, tuple(label.shape[-2:]), flip=flip, amp=amp)
-        confusion += confusion_matrix(probs.argmax(1)[0], label, num_classes)
+        logits, flipped = _logits(model, image, flip, amp)
+        for protocol in wanted:
+            label = item["label"]
+            if protocol == "input_resolution":
+                label = resize_label(label, tuple(image.shape[-2:]))
+            label = label.to(device)
+            probs = _probabilities(logits, flipped, tuple(label.shape[-2:]), align_corners)
+            confusions[protocol] += confusion_matrix(probs.argmax(1)[0], label, num_classes)
     model.train(was_training)
-    return confusion.cpu()
+    if protocols is None:
+        return confusions["full_resolution"].cpu()
+    return {p: c.cpu() for p, c in confusions.items()}
 
 
 def report(confusion: torch.Tensor, *, supervised_iou: Optional[Sequence[float]] = None,
@@ -146,6 +184,17 @@ def write_report(result: Dict[str, Any], out_prefix: str, title: str = "Evaluati
 
     atomic_write_text(out_prefix + ".json", json.dumps(result, indent=2) + "\n")
     body = f"# {title}\n\n" + markdown_table({result.get("name", "result"): result})
+    atomic_write_text(out_prefix + ".md", body)
+
+
+def write_protocol_report(results: Dict[str, Dict[str, Any]], out_prefix: str, title: str = "Evaluation",
+                          info: Optional[Dict[str, Any]] = None) -> None:
+    """Both protocols side by side: ``out_prefix``.json as ``{"protocols": {name: report}, **info}``
+    and ``out_prefix``.md with one column per protocol."""
+    from .._atomic import atomic_write_text
+
+    atomic_write_text(out_prefix + ".json", json.dumps({**(info or {}), "protocols": results}, indent=2) + "\n")
+    body = f"# {title}\n\n" + markdown_table({PROTOCOL_TITLES.get(p, p): r for p, r in results.items()})
     atomic_write_text(out_prefix + ".md", body)
 
 

@@ -203,10 +203,24 @@ def _map_key(key: str) -> tuple[str, str | None]:
             return "fc", None
         if head == "classifier" and len(rest) == 4 and rest[1] == "convs":
             return "classifier", ".".join(rest)
-        # DeepLab init layout: ASPP is layer5.conv2d_list.{i}.{weight,bias}.
-        if head == "layer5" and len(rest) == 4 and rest[1] == "conv2d_list":
-            return "classifier", f"classifier.convs.{rest[2]}.{rest[3]}"
+        # DeepLab init layout: ASPP is layer5.conv2d_list.{i}.{weight,bias}. AdaptSegNet/ADVENT
+        # multi-level checkpoints add layer6, their main head; layer5 is then an auxiliary head
+        # on layer3 (see _main_head).
+        if head in ("layer5", "layer6") and len(rest) == 4 and rest[1] == "conv2d_list":
+            return head, f"classifier.convs.{rest[2]}.{rest[3]}"
     return "unknown", None
+
+
+def _main_head(keys) -> str:
+    """Which DeepLab-layout head is the classifier: layer6 when the file has one (multi-level
+    AdaptSegNet/ADVENT checkpoints, whose layer5 sits on layer3), else layer5."""
+    return "layer6" if any(_map_key(str(k))[0] == "layer6" for k in keys) else "layer5"
+
+
+def deeplab_layout(keys) -> bool:
+    """Whether weights are in the DeepLab (Caffe-converted) layout: a ``Scale.`` wrapper or an
+    ASPP under ``layer5/layer6.conv2d_list``. Such files expect Caffe input normalisation."""
+    return any(str(k).startswith("Scale.") or _map_key(str(k))[0] in ("layer5", "layer6") for k in keys)
 
 
 def _read_state_dict(path: str) -> Mapping:
@@ -226,14 +240,21 @@ def _read_state_dict(path: str) -> Mapping:
     return obj
 
 
-def load_pretrained(model: DeepLabV2, path: str | os.PathLike, *, skip_classifier: bool = True) -> LoadReport:
+def load_pretrained(model: DeepLabV2, path: str | os.PathLike, *, skip_classifier: bool = True,
+                    normalize: str | None = None) -> LoadReport:
     """Copy matching tensors from a weights file into ``model`` and say what happened.
 
     Accepted layouts: our ``model.state_dict()``; a torchvision ResNet checkpoint (``fc.*``
     skipped); the DeepLab init layout with a leading component such as ``Scale.`` or ``module.``
     (its ASPP ``layer5.conv2d_list.*`` maps onto ours); any of these under a "model" or
     "state_dict" key. With ``skip_classifier`` (default) classifier weights in the file are
-    skipped, as when starting from ImageNet or another dataset's labels.
+    skipped, as when starting from ImageNet or another dataset's labels. In a multi-level
+    AdaptSegNet/ADVENT checkpoint the main head ``layer6`` is the classifier and the auxiliary
+    ``layer5`` is skipped.
+
+    ``normalize``: the input normalisation the model will be fed ("imagenet", "caffe", "none");
+    when given, a DeepLab-layout file (Caffe-converted, see :func:`deeplab_layout`) with anything
+    but "caffe" raises ValueError before anything is copied.
 
     Tensors whose shape differs from the model's are reported and not loaded. Nothing is copied
     unless at least one tensor (other than a BN counter) matches; a file that matches nothing
@@ -245,6 +266,11 @@ def load_pretrained(model: DeepLabV2, path: str | os.PathLike, *, skip_classifie
         raise TypeError(f"skip_classifier must be a bool, got {type(skip_classifier).__name__}")
     path = os.fspath(path)
     source = _read_state_dict(path)
+    if normalize is not None and normalize != "caffe" and deeplab_layout(source.keys()):
+        raise ValueError(f"{path} is in the DeepLab init layout (Caffe-converted weights, which expect BGR input "
+                         f"minus the Caffe mean), but the input normalisation is {normalize!r}: set data.normalize: "
+                         f"caffe for model.pretrained {path}, or use torchvision-layout weights")
+    main_head = _main_head(source.keys())
     targets = model.state_dict()
     report = LoadReport(path=path)
     assignments: dict[str, torch.Tensor] = {}
@@ -252,7 +278,9 @@ def load_pretrained(model: DeepLabV2, path: str | os.PathLike, *, skip_classifie
 
     for key, value in source.items():
         kind, ours = _map_key(str(key))
-        if kind == "fc" or (kind == "classifier" and skip_classifier):
+        if kind in ("layer5", "layer6"):
+            kind = "classifier" if kind == main_head else "auxiliary"
+        if kind in ("fc", "auxiliary") or (kind == "classifier" and skip_classifier):
             report.skipped.append(key)
             continue
         if ours is None or ours not in targets or not isinstance(value, torch.Tensor):

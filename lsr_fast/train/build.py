@@ -49,16 +49,32 @@ def _base_dataset(spec: Dict[str, Any], num_classes: int, *, role: str):
         if num_classes == 16:
             dataset = _SynthiaSubsetLabels(dataset)
     elif name == "gta5":
-        dataset = data.GTA5Dataset(spec["root"], split_list=spec["split_list"], num_classes=num_classes)
+        dataset = data.GTA5Dataset(spec["root"], split_list=spec["split_list"], exclude_list=spec["exclude_list"],
+                                   num_classes=num_classes)
     elif name == "synthia":
-        dataset = data.SynthiaDataset(spec["root"], split_list=spec["split_list"], num_classes=num_classes)
+        dataset = data.SynthiaDataset(spec["root"], split_list=spec["split_list"], exclude_list=spec["exclude_list"],
+                                      num_classes=num_classes)
     elif name == "cityscapes":
-        dataset = data.CityscapesDataset(spec["root"], split=spec["split"], split_list=spec["split_list"], num_classes=num_classes)
+        dataset = data.CityscapesDataset(spec["root"], split=spec["split"], split_list=spec["split_list"],
+                                         exclude_list=spec["exclude_list"], num_classes=num_classes)
     else:  # the config schema only admits the names above
         raise ValueError(f"data.{role}.name: unknown dataset {name!r}")
     if spec["max_images"] is not None and spec["max_images"] < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(spec["max_images"]))
     return dataset
+
+
+def check_datasets(config: Dict[str, Any], source: str = "config") -> None:
+    """Every dataset the run uses can be listed: folders, split and exclude lists against them,
+    a label for every image (no image is read). Raises ConfigError naming the key."""
+    from .config import ConfigError
+
+    labelled = "target" if config["mode"] == "target_only" else "source"
+    for role in dict.fromkeys([labelled, "val"] + (["target"] if config["mode"] == "lsr" else [])):
+        try:
+            _base_dataset(config["data"][role], config["data"]["num_classes"], role=role)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(f"data.{role} ({source}): {error}") from None
 
 
 def build_train_dataset(config: Dict[str, Any], role: str):
@@ -87,7 +103,7 @@ def build_eval_dataset(config: Dict[str, Any], *, dataset: Optional[str] = None,
     if dataset is not None:
         spec["name"] = dataset
         if dataset != config["data"][role]["name"]:
-            spec["root"], spec["split_list"] = None, None
+            spec["root"], spec["split_list"], spec["exclude_list"] = None, None, None
     if root is not None:
         spec["root"] = root
     if split is not None:

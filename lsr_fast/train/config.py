@@ -39,6 +39,8 @@ def _dataset_fields(name: str, split: str, domain: str, resize, n: int, seed: in
         "root": Field(None, "path", "dataset root folder (not used by synthetic)", nullable=True),
         "split": Field(split, "str", "Cityscapes split folder (train or val)", ("train", "val", "test")),
         "split_list": Field(None, "path", "optional text file listing the images to use, one name per line", nullable=True),
+        "exclude_list": Field(None, "path", "optional text file listing images to leave out (e.g. the held-out selection "
+                              "images of the target's training split)", nullable=True),
         "domain": Field(domain, "str", "synthetic scenes: which look (source = flat synthetic, target = shifted)", ("source", "target")),
         "num_images": Field(n, "int", "synthetic scenes: how many images"),
         "size": Field([128, 256], "size", "synthetic scenes: generated size [height, width]"),
@@ -68,6 +70,8 @@ SCHEMA: Dict[str, Any] = {
         "two_branch_aspp": Field(False, "bool", "reproduce earlier code's ASPP that summed only 2 of its 4 branches"),
         "pretrained": Field(None, "path", "ImageNet ResNet or DeepLab init weights file (torchvision or Scale./module. keys)", nullable=True),
         "channels_last": Field(False, "bool", "run the network in channels_last memory format"),
+        "align_corners": Field(False, "bool", "upsample logits to label size with align_corners=True (the released "
+                               "code, AdaptSegNet and ADVENT) or False; training, validation, eval and analysis alike"),
     },
     "data": {
         "num_classes": Field(19, "int", "19 (GTA5/Cityscapes) or 16 (SYNTHIA subset)", (19, 16)),
@@ -86,11 +90,13 @@ SCHEMA: Dict[str, Any] = {
         "lr": Field(2.5e-4, "float", "base learning rate of the backbone (SGD)"),
         "momentum": Field(0.9, "float", "SGD momentum"),
         "weight_decay": Field(5e-4, "float", "SGD weight decay"),
-        "poly_power": Field(0.9, "float", "poly schedule: lr * (1 - step / steps) ** power"),
+        "poly_power": Field(0.9, "float", "poly schedule: lr * (1 - step / poly_steps) ** power"),
+        "poly_steps": Field(None, "int", "horizon of the poly schedule (default train.steps; the paper decays over "
+                            "250000 and stops at 27450)", nullable=True),
         "classifier_lr_mult": Field(10.0, "float", "learning-rate multiplier of the ASPP classifier"),
     },
     "train": {
-        "steps": Field(250000, "int", "optimisation steps (the poly schedule runs over them)"),
+        "steps": Field(250000, "int", "optimisation steps: where training stops (the poly horizon is optim.poly_steps)"),
         "batch_source": Field(1, "int", "source images per step (labelled images in target_only mode)"),
         "batch_target": Field(1, "int", "target images per step (lsr mode)"),
         "amp": Field("none", "str", "autocast dtype: none, bf16 or fp16 (fp16 uses a GradScaler)", ("none", "bf16", "fp16")),
@@ -123,12 +129,22 @@ SCHEMA: Dict[str, Any] = {
                            "filtered, n from the current batch, no target hinge)", ("paper", "released")),
     },
     "experiment": {
-        "adapt_steps": Field(1000, "int", "lsr-fast experiment: LSR adaptation steps, starting from the source-only run"),
+        "source_config": Field(None, "path", "lsr-fast experiment: the source pre-training stage's own config file "
+                               "(the paper pre-trains with another recipe); default: this config with mode source_only",
+                               nullable=True),
+        "target_only": Field(True, "bool", "lsr-fast experiment: also train the target-supervised reference of mASR "
+                             "(off: mASR against the paper's target-only table)"),
+        "adapt_steps": Field(None, "int", "lsr-fast experiment: LSR adaptation steps, starting from the source-only run "
+                             "(default train.steps)", nullable=True),
         "adapt_lr": Field(None, "float", "lsr-fast experiment: base learning rate of the LSR run (default optim.lr)", nullable=True),
         "control": Field(True, "bool", "lsr-fast experiment: also continue the source-only run for adapt_steps without LSR "
                          "(same init, steps and lr), which separates LSR's gain from that of more training"),
         "test_images": Field(100, "int", "lsr-fast experiment: held-out synthetic target images of the final table"),
         "test_seed": Field(3, "int", "lsr-fast experiment: seed of those test images (apart from train and val seeds)"),
+        "test_split": Field("val", "str", "lsr-fast experiment, Cityscapes: the split of the final table (data.val "
+                            "selects checkpoints, e.g. on a held-out list of the train split)", ("train", "val", "test")),
+        "test_max_images": Field(None, "int", "lsr-fast experiment, real datasets: score only the first N test images",
+                                 nullable=True),
     },
 }
 
@@ -239,7 +255,7 @@ def build_config(base: Optional[Dict[str, Any]] = None, overrides: Iterable[str]
         if key == "lsr.preset":
             _apply_preset(config, value, "overrides")
         _merge(config, SCHEMA, _nest(key, value), "", "overrides")
-    validate(config)
+    validate(config, source)
     return config
 
 
@@ -262,13 +278,33 @@ def _apply_preset(config: Dict[str, Any], preset: Any, source: str) -> None:
             config["lsr"][key] = value
 
 
-def validate(config: Dict[str, Any]) -> None:
-    """Checks across keys (single keys were checked while merging)."""
+def poly_steps(config: Dict[str, Any]) -> int:
+    """The poly schedule's horizon: optim.poly_steps, or train.steps when it is null."""
+    return config["optim"]["poly_steps"] if config["optim"]["poly_steps"] is not None else config["train"]["steps"]
+
+
+def validate(config: Dict[str, Any], source: str = "config") -> None:
+    """Checks across keys (single keys were checked while merging); ``source`` names the file."""
+    steps, horizon = config["train"]["steps"], config["optim"]["poly_steps"]
+    if horizon is not None and horizon < steps:
+        raise ConfigError(f"train.steps ({steps}) exceeds optim.poly_steps ({horizon}) in {source}: the learning rate "
+                          f"would reach 0 at step {horizon} and stay there; raise optim.poly_steps or lower train.steps")
+    crop = config["data"]["crop"]
+    if crop is not None:
+        roles = ("target",) if config["mode"] == "target_only" else ("source", "target") if config["mode"] == "lsr" else ("source",)
+        for role in roles:
+            spec = config["data"][role]
+            size = spec["resize"] if spec["resize"] is not None else (spec["size"] if spec["name"] == "synthetic" else None)
+            if size is not None and (crop[0] > size[0] or crop[1] > size[1]):
+                key = f"data.{role}.resize" if spec["resize"] is not None else f"data.{role}.size"
+                raise ConfigError(f"data.crop {crop} is larger than the {role} images ({key} {size}) in {source}")
     for key in ("momentum", "alpha", "label_threshold", "confidence"):
         if not 0.0 <= config["lsr"][key] <= 1.0:
             raise ConfigError(f"lsr.{key} must be in [0, 1], got {config['lsr'][key]}")
     if not 0.0 <= config["data"]["blur_prob"] <= 1.0:
         raise ConfigError(f"data.blur_prob must be in [0, 1], got {config['data']['blur_prob']}")
+    if horizon is not None and horizon < 1:
+        raise ConfigError(f"optim.poly_steps must be >= 1, got {horizon}")
     for key in ("steps", "batch_source", "batch_target", "log_every"):
         if config["train"][key] < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {config['train'][key]}")
@@ -295,12 +331,61 @@ def check_paths(config: Dict[str, Any]) -> None:
         if spec["name"] != "synthetic":
             checks.append((f"data.{role}.root", spec["root"], "dir"))
             checks.append((f"data.{role}.split_list", spec["split_list"], "file"))
+            checks.append((f"data.{role}.exclude_list", spec["exclude_list"], "file"))
     for key, path, kind in checks:
         if path is None:
             continue
         exists = os.path.isdir(path) if kind == "dir" else os.path.isfile(path)
         if not exists:
             raise ConfigError(f"{key}: {'folder' if kind == 'dir' else 'file'} {path} does not exist")
+
+
+def check_protocol(config: Dict[str, Any], source: str = "config") -> None:
+    """Checks a run makes before it starts, reading list files but no images: BatchNorm frozen
+    with nothing to freeze, and selection images that the run also trains on."""
+    m = config["model"]
+    if m["batchnorm"] == "frozen" and m["pretrained"] is None and config["init"] is None:
+        # Frozen BN keeps identity statistics without weights; through ResNet-101 the activations
+        # then grow by orders of magnitude (CE 3e5 at step 1, NaN at step 2 when tried).
+        raise ConfigError(f"model.batchnorm is frozen but neither model.pretrained nor init gives BatchNorm statistics "
+                          f"to freeze ({source}); set one of them, or model.batchnorm: train to learn the statistics")
+    val = config["data"]["val"]
+    train_role = "target" if config["mode"] == "target_only" else "source"
+    roles = [train_role] + (["target"] if config["mode"] == "lsr" else [])
+    for role in roles:
+        spec = config["data"][role]
+        if spec["name"] != val["name"] or spec["name"] == "synthetic" or spec["root"] != val["root"]:
+            continue
+        if spec["name"] == "cityscapes" and spec["split"] != val["split"]:
+            continue
+        overlap = _overlap(spec, val)
+        if overlap:
+            raise ConfigError(
+                f"data.val selects on images that data.{role} trains on ({len(overlap)} shared, e.g. {sorted(overlap)[0]!r}) "
+                f"in {source}: give data.val.split_list a held-out list and leave it out of data.{role} "
+                f"(data.{role}.exclude_list or a disjoint data.{role}.split_list)")
+
+
+def _list_names(path: Optional[str]) -> Optional[set]:
+    if path is None:
+        return None
+    from ..data.datasets import read_split_list
+
+    return set(read_split_list(path))
+
+
+def _overlap(train: Dict[str, Any], val: Dict[str, Any]) -> set:
+    """Names both sets use, from their lists alone; a side without a list stands for the whole
+    split (named "(every image of the split)" when neither side has a list)."""
+    train_names, val_names = _list_names(train["split_list"]), _list_names(val["split_list"])
+    excluded = _list_names(train["exclude_list"]) or set()
+    val_excluded = _list_names(val["exclude_list"]) or set()
+    if train_names is not None:
+        train_names -= excluded
+        return train_names & (val_names - val_excluded) if val_names is not None else train_names - val_excluded
+    if val_names is not None:
+        return val_names - val_excluded - excluded
+    return {"(every image of the split)"}
 
 
 def describe() -> str:

@@ -44,15 +44,16 @@ from .. import __version__
 from ..ops import value_checks
 from ..eval.evaluate import autocast, evaluate, report
 from . import distributed
-from .build import build_eval_dataset, build_model, build_regularizer, build_train_dataset
+from .build import build_eval_dataset, build_model, build_regularizer, build_train_dataset, check_datasets
 from .._atomic import atomic_write_text
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .config import ConfigError, build_config, check_paths, to_yaml
+from .config import ConfigError, build_config, check_paths, check_protocol, poly_steps, to_yaml
 from .sampling import StepBatchSampler
 
-# Keys that may differ between a run and its resumption (they do not change the numbers).
+# Keys that may differ between a run and its resumption (they do not change the numbers). A
+# longer or shorter train.steps is fine; the poly horizon is compared as resolved (poly_steps()).
 RESUME_FREE_KEYS = {
-    "train.steps", "train.log_every", "train.progress", "train.tensorboard", "data.workers", "threads",
+    "train.steps", "optim.poly_steps", "train.log_every", "train.progress", "train.tensorboard", "data.workers", "threads",
     "train.val_every", "train.checkpoint_every", "train.early_stop_patience", "device", "out_dir",
 }
 LOG_TERMS = ("loss", "ce", "clustering_source", "clustering_target", "perpendicularity", "norm_source",
@@ -101,8 +102,8 @@ class TwoDomainNet(torch.nn.Module):
         return out_source, (self.model(target) if target is not None else None)
 
 
-def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+def _upsample(logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=align_corners)
 
 
 def _resolve_device(name: str, env: distributed.DistEnv) -> torch.device:
@@ -124,6 +125,8 @@ class Trainer:
         if self.resume_path is not None and not os.path.isfile(self.resume_path):
             raise FileNotFoundError(f"cannot resume: checkpoint {self.resume_path} does not exist")
         check_paths(config)
+        check_protocol(config)
+        check_datasets(config)  # lists against folders, before a model is built or anything written
         if self.resume_path is None:
             existing = [n for n in ("last.pt", "best.pt") if os.path.exists(os.path.join(config["out_dir"], n))]
             if existing:
@@ -150,15 +153,21 @@ class Trainer:
             saved = _flatten(build_config(checkpoint["config"], source=self.resume_path))
             now = _flatten(c)
             changed = [k for k, v in now.items() if k not in RESUME_FREE_KEYS and saved.get(k) != v]
+            saved_horizon = poly_steps(build_config(checkpoint["config"], source=self.resume_path))
+            if saved_horizon != poly_steps(c):
+                changed.append(f"the poly horizon optim.poly_steps ({saved_horizon} -> {poly_steps(c)})")
             if changed:
                 raise ConfigError(f"cannot resume from {self.resume_path}: the config differs in "
-                                  + ", ".join(f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in changed))
+                                  + ", ".join(k if k not in now else f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in changed))
 
         self.model = build_model(c)
         if c["model"]["pretrained"] and checkpoint is None:
             from ..models import load_pretrained
 
-            load_report = load_pretrained(self.model, c["model"]["pretrained"])
+            try:
+                load_report = load_pretrained(self.model, c["model"]["pretrained"], normalize=c["data"]["normalize"])
+            except ValueError as error:  # a file that fits nothing, or Caffe weights fed ImageNet input
+                raise ConfigError(f"model.pretrained: {error}") from None
             self._print(f"pretrained weights {c['model']['pretrained']}:\n{load_report}")
         if c["init"] and checkpoint is None:
             init = load_checkpoint(c["init"])
@@ -184,7 +193,7 @@ class Trainer:
         o = c["optim"]
         self.optimizer = torch.optim.SGD(parameter_groups(self.model, o["lr"], o["classifier_lr_mult"]), lr=o["lr"],
                                          momentum=o["momentum"], weight_decay=o["weight_decay"])
-        steps, power = c["train"]["steps"], o["poly_power"]
+        steps, power = poly_steps(c), o["poly_power"]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(0.0, 1.0 - s / steps) ** power)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c["train"]["amp"] == "fp16")
 
@@ -211,8 +220,9 @@ class Trainer:
         if c["mode"] == "lsr":
             self.loaders["target"] = self._loader("target", c["train"]["batch_target"])
         self.val_dataset = build_eval_dataset(c)
-        self.selection = {"dataset": c["data"]["val"]["name"], "split": c["data"]["val"]["split"]
-                          if c["data"]["val"]["name"] == "cityscapes" else f"seed {c['data']['val']['seed']}",
+        val = c["data"]["val"]
+        self.selection = {"dataset": val["name"], "split": val["split"] if val["name"] == "cityscapes" else f"seed {val['seed']}",
+                          "split_list": val["split_list"], "exclude_list": val["exclude_list"],
                           "images": len(self.val_dataset), "metric": "mIoU"}
 
     def _buffers_updated_by_forward(self) -> list:
@@ -264,7 +274,7 @@ class Trainer:
         watched = {}  # device scalars whose finiteness the guard reads with the loss
         with autocast(device, c["train"]["amp"]):
             (logits, features), target_out = self.net(images, target_images)
-            ce = F.cross_entropy(_upsample(logits, labels.shape[-2:]), labels, ignore_index=255)
+            ce = F.cross_entropy(_upsample(logits, labels.shape[-2:], c["model"]["align_corners"]), labels, ignore_index=255)
             values = {"ce": ce.detach()}
             loss = ce
             if self.regularizer is not None:
@@ -297,7 +307,7 @@ class Trainer:
         """The regulariser's terms, and the device values the guard checks with the loss:
         ``(terms, watched)``."""
         target_logits, target_features = target_out
-        target_probs = torch.softmax(_upsample(target_logits, target_size), 1)
+        target_probs = torch.softmax(_upsample(target_logits, target_size, self.config["model"]["align_corners"]), 1)
         if not guard:
             try:
                 return self.regularizer(features, labels, target_features, target_probs), {}
@@ -373,6 +383,7 @@ class Trainer:
         c = self.config
         confusion = evaluate(self.model, self.val_dataset, c["data"]["num_classes"], device=self.device,
                              flip=c["train"]["eval_flip"], amp=c["train"]["amp"], channels_last=c["model"]["channels_last"],
+                             align_corners=c["model"]["align_corners"],
                              rank=self.env.rank, world_size=self.env.world_size, progress=False)
         confusion = distributed.all_reduce_sum(confusion.to(self.device), self.env).cpu()
         result = report(confusion)
