@@ -1,4 +1,4 @@
-"""The `lsr-fast` command: train, eval, experiment, prepare-data, bench, analyze, demo, backends.
+"""The `lsr-fast` command: train, eval, experiment, prepare-data, bench, analyze, demo, backends, build.
 
 ``lsr-fast <command> --help`` documents every option; ``lsr-fast train --help`` lists every
 config key with its default.
@@ -189,8 +189,21 @@ def _forward(module: str, name: str):
     return target.configure_parser, target.run
 
 
+def _training_stack():
+    """The trainer's config schema and error types, or the ImportError of a missing optional
+    dependency (pyyaml etc., the ``training`` extra): backends, build, demo and bench work without."""
+    try:
+        from .train.checkpoint import CheckpointError
+        from .train.config import ConfigError, describe
+        from .train.trainer import NonFiniteLossError
+    except ImportError as error:
+        return None, error
+    return (describe, (ConfigError, CheckpointError, NonFiniteLossError)), None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    from .train.config import describe
+    stack, missing = _training_stack()
+    describe = stack[0] if stack else (lambda: f"  (unavailable: {missing}; pip install 'lsr_fast[training]')")
 
     parser = argparse.ArgumentParser(prog="lsr-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,17 +271,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=demo)
     p = sub.add_parser("backends", help="say which backends are usable here and why not")
     p.set_defaults(func=backends)
+    from . import build as build_kernels  # `lsr-fast build` is `python -m lsr_fast.build`
+
+    p = sub.add_parser("build", help=build_kernels.HELP, description=build_kernels.HELP)
+    build_kernels.configure_parser(p)
+    p.set_defaults(func=build_kernels.run)
     args = parser.parse_args(argv)
     for name in ("height", "width", "feature_dim"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    from .train.checkpoint import CheckpointError
-    from .train.config import ConfigError
-    from .train.trainer import NonFiniteLossError
-
+    if stack is None and args.command in ("train", "experiment", "eval"):
+        print(f"lsr-fast {args.command} is unavailable: {missing} (pip install 'lsr_fast[training]')", file=sys.stderr)
+        return 2
+    expected = (FileNotFoundError, *stack[1]) if stack else (FileNotFoundError,)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError) as error:
+    except expected as error:
         print(f"lsr-fast {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,7 @@ built_extension() { compgen -G "lsr_fast/_C*.so" | head -n 1 || true; }
 # A hash of what the build reads: each call re-sends the tree (new mtimes), so a warm machine's
 # build is reused only when the sources are the same.
 STAMP=build/gpu-session.stamp
-sources_hash() { cat setup.py $(find csrc -type f | LC_ALL=C sort) | sha1sum | cut -d' ' -f1; }
+sources_hash() { cat setup.py lsr_fast/_build.py $(find csrc -type f | LC_ALL=C sort) | sha1sum | cut -d' ' -f1; }
 
 build() {
   local so

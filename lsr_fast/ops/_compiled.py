@@ -15,12 +15,11 @@ import torch
 from ._checks import DISTANCES
 from ._derived import losses_from_feature_terms
 
-try:
-    from lsr_fast import _C  # noqa: F401  (loading it registers torch.ops.lsr_fast.*)
+from .. import _loader
 
-    _LOAD_ERROR = ""
-except ImportError as error:  # the optional build was skipped or failed
-    _LOAD_ERROR = f"the compiled extension lsr_fast._C is not built ({error}); reinstall with a C++ compiler present"
+# Loading lsr_fast._C registers torch.ops.lsr_fast.*. The loader checks that it was built for this
+# torch, and compiles it on first use when needed; _LOAD_ERROR says why it is missing and the fix.
+_C, _LOAD_ERROR = _loader.load()
 
 OPS = (
     "hist_downsample",
@@ -50,7 +49,13 @@ def unavailable_reason(backend: str) -> str:
     ]
     if missing:
         what = "CUDA sources" if backend == "cuda" else "CPU kernels"
-        return f"the extension was built without {what} for: {', '.join(missing)}"
+        reason = f"the extension was built without {what} for: {', '.join(missing)}"
+        info = _loader.extension_info() or {}
+        if backend == "cuda":
+            why = info.get("cuda_reason") or "unknown (no build record)"
+            reason += (f" (at {info.get('path', 'lsr_fast._C')}: {why}). Fix: make a matching CUDA toolkit findable "
+                       f"(CUDA_HOME), then run `python -m lsr_fast.build --force`")
+        return reason
     return ""
 
 
