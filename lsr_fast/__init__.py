@@ -16,6 +16,7 @@ from .ops import (
     maxsquare_loss,
     norm_alignment_loss,
     perpendicularity_loss,
+    prototype_distances,
     pseudo_label_downsample,
     set_value_checks,
     value_checks,
@@ -35,6 +36,7 @@ __all__ = [
     "perpendicularity_loss",
     "norm_alignment_loss",
     "maxsquare_loss",
+    "prototype_distances",
     "reference",
 ]
 
