@@ -41,10 +41,11 @@ __all__ = [
 ]
 
 from .eval.metrics import confusion_matrix, masr, mean_iou, per_class_iou  # noqa: E402
+from .bank import PrototypeBank  # noqa: E402
 from .regularizer import PRESETS, LSRRegularizer  # noqa: E402
 
 # Load every backend now, not at the first op call: an import inside torch.compile(fullgraph=True)
 # would break the graph.
 available_backends()
 
-__all__ += ["LSRRegularizer", "PRESETS", "confusion_matrix", "per_class_iou", "mean_iou", "masr", "feature_terms"]
+__all__ += ["LSRRegularizer", "PrototypeBank", "PRESETS", "confusion_matrix", "per_class_iou", "mean_iou", "masr", "feature_terms"]

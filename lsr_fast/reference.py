@@ -386,10 +386,12 @@ def update_prototypes(
 
     p_c = sums_c / counts_c; p^_c <- momentum * p^_c + (1 - momentum) * p_c where counts_c > 0,
     absent classes keep p^_c. With ``init="first"`` a class seen for the first time takes p_c.
+    ``counts`` may be float weight sums (weighted class_feature_stats), below 1 too.
     Returns new (prototypes, seen) tensors, detached; the inputs are not modified.
     """
     present = counts > 0
-    batch = sums.detach().to(prototypes.dtype) / counts.clamp(min=1).to(prototypes.dtype).unsqueeze(1)
+    divisor = torch.where(present, counts.to(prototypes.dtype), torch.ones((), dtype=prototypes.dtype, device=counts.device))
+    batch = sums.detach().to(prototypes.dtype) / divisor.unsqueeze(1)
     blended = momentum * prototypes + (1.0 - momentum) * batch
     if init == "first":
         blended = torch.where(seen.unsqueeze(1), blended, batch)
