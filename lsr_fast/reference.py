@@ -211,18 +211,28 @@ def _class_index(labels: torch.Tensor, num_classes: int, ignore_index: int) -> t
 
 
 def class_feature_stats(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-class sums (C, K) and counts (C,) int64 of the feature vectors; void is skipped.
 
-    A one-hot matrix product ((C+1) x N times N x K per image) does the scatter-reduction with a
-    GEMM and reads the NCHW features in place; its backward (a gather) comes from autograd.
+    With ``weights`` (the shape of ``labels``, constants) the sums are of w * f and the counts
+    are the per-class sums of w, in the sums' dtype. A one-hot (weight) matrix product
+    ((C+1) x N times N x K per image) does the scatter-reduction with a GEMM and reads the NCHW
+    features in place; its backward (a gather, times w) comes from autograd.
     """
-    rows, labels = _as_rows(features, labels)
-    index = _class_index(labels, num_classes, ignore_index)
+    rows, flat_labels = _as_rows(features, labels)
+    index = _class_index(flat_labels, num_classes, ignore_index)
     acc = _accumulate_dtype(features)
     one_hot = F.one_hot(index, num_classes + 1).to(acc)  # (B, N, C+1)
+    if weights is not None:
+        one_hot = one_hot * weights.detach().to(acc).reshape(index.shape).unsqueeze(-1)
     sums = torch.einsum("bnc,bkn->ck", one_hot, rows.to(acc))[:num_classes]
+    if weights is not None:
+        return sums, one_hot.sum(dim=(0, 1))[:num_classes]
     counts = torch.bincount(index.reshape(-1), minlength=num_classes + 1)[:num_classes]
     return sums, counts
 

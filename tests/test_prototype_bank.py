@@ -64,6 +64,20 @@ def test_state_dict_round_trip(tmp_path):
     assert torch.equal(fresh.prototypes, bank.prototypes) and torch.equal(fresh.seen, bank.seen)
 
 
+def test_weighted_class_feature_stats_feed_the_bank():
+    # Confidence-weighted prototypes: the bank holds sum(w f) / sum(w) per class.
+    g = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(1, 3, 4, 4, generator=g), torch.randint(0, 2, (1, 4, 4), generator=g)
+    weights = torch.rand(1, 4, 4, generator=g)
+    sums, counts = lsr_fast.class_feature_stats(features, labels, 2, weights=weights, backend="reference")
+    bank = PrototypeBank(2, 3, momentum=0.0)
+    bank.update(sums, counts)
+    for c in range(2):
+        w = weights[0] * (labels[0] == c)
+        want = (features[0] * w).sum((1, 2)) / w.sum()
+        torch.testing.assert_close(bank.prototypes[c], want)
+
+
 def test_bad_input():
     for kwargs, match in (
         (dict(num_classes=0, dim=3), "num_classes must be a positive int"),

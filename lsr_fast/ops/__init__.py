@@ -95,6 +95,7 @@ def class_feature_stats(
     labels: torch.Tensor,
     num_classes: int,
     *,
+    weights: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -102,14 +103,20 @@ def class_feature_stats(
 
     ``features`` (B, K, h, w) with ``labels`` (B, h, w), or rows (N, K) with labels (N,).
     Vectors labelled ``ignore_index`` are skipped. Sums are float32 for half-precision and
-    float32 features, float64 for float64 features.
+    float32 features, float64 for float64 features. ``weights`` (the shape of ``labels``, float,
+    finite, >= 0; constants, no gradient): the sums are of w * f and the counts become the
+    per-class sums of w, in the sums' dtype (masked average pooling, confidence-weighted
+    prototypes: sums / counts).
     """
     check.features_and_labels(features, labels)
     check.positive_int("num_classes", num_classes)
     check.integer("ignore_index", ignore_index)
+    weights = check.vector_weights(weights, labels)
     check.label_values("labels", labels, num_classes, ignore_index)
     impl = resolve("class_feature_stats", backend, features.device)
-    return impl(features, labels, num_classes, ignore_index)
+    if weights is None:
+        return impl(features, labels, num_classes, ignore_index)
+    return impl(features, labels, num_classes, ignore_index, weights)
 
 
 def clustering_loss(
