@@ -453,7 +453,9 @@ def prototype_distances(features: torch.Tensor, prototypes: torch.Tensor, metric
     rows = features.dim() == 2
     f = features.to(acc)
     f = f.unsqueeze(0).transpose(1, 2) if rows else f.reshape(f.shape[0], f.shape[1], f.shape[2] * f.shape[3])
-    p = prototypes.to(acc)
+    # A copy (differentiable): autograd saves it, and a PrototypeBank updates its buffer in place
+    # between this forward and the backward.
+    p = prototypes.to(acc, copy=True)
     dots = torch.matmul(p, f)  # (B, C, N): a batched GEMM that reads NCHW or channels_last in place
     f_sq = f.pow(2).sum(dim=1, keepdim=True)  # (B, 1, N)
     p_sq = p.pow(2).sum(dim=1).view(1, -1, 1)  # (1, C, 1)

@@ -141,6 +141,23 @@ def test_cosine_zero_vectors_have_similarity_zero_and_no_gradient():
 
 
 @pytest.mark.parametrize("metric", METRICS)
+def test_prototypes_updated_in_place_before_backward(metric):
+    # A PrototypeBank's buffer changes in place after the loss is built (the EMA update of the
+    # step); backward must still work, with the prototypes the forward saw.
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(6, 4, generator=g, requires_grad=True)
+    bank = lsr_fast.PrototypeBank(3, 4)
+    bank.update(torch.randn(3, 4, generator=g), torch.ones(3))
+    before = bank.prototypes.clone()
+    out = lsr_fast.prototype_distances(features, bank.prototypes, metric=metric)
+    bank.update(torch.randn(3, 4, generator=g), torch.ones(3))
+    (got,) = torch.autograd.grad(out.sum(), features)
+    (want,) = torch.autograd.grad(lsr_fast.prototype_distances(features, before, metric=metric).sum(), features)
+    assert not torch.equal(bank.prototypes, before)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_empty_inputs(metric):
     prototypes = torch.randn(3, 4)
     assert lsr_fast.prototype_distances(torch.randn(0, 4), prototypes, metric=metric).shape == (0, 3)
