@@ -81,7 +81,7 @@ def train_loss(net, bank, source, target, lambda_target: float = 0.5):
         loss = loss + lambda_target * F.cross_entropy(target_logits, pseudo, ignore_index=VOID)
     with torch.no_grad():
         sums, weight_sums = lsr_fast.class_feature_stats(target_features, labels, NUM_CLASSES, weights=confidence)
-    bank.update(sums.to(bank.prototypes.dtype), weight_sums.to(bank.prototypes.dtype))
+    bank.update(sums, weight_sums)
     return loss
 
 

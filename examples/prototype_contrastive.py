@@ -71,7 +71,7 @@ def train_loss(net, bank, images, labels):
     contrastive = contrastive_loss(features, small, bank)
     with torch.no_grad():
         sums, counts = lsr_fast.class_feature_stats(features, small, NUM_CLASSES)
-    bank.update(sums.to(bank.prototypes.dtype), counts)
+    bank.update(sums, counts)
     return ce + LAMBDA * contrastive, ce, contrastive
 
 
