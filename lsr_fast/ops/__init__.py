@@ -14,6 +14,7 @@ import torch
 from . import _checks as check
 from ._backends import BACKENDS, available_backends, resolve
 from ._checks import DISTANCES, set_value_checks, value_checks
+from ._derived import weighted_class_feature_stats
 from ..reference import PROTOTYPE_METRICS
 
 __all__ = [
@@ -116,7 +117,9 @@ def class_feature_stats(
     impl = resolve("class_feature_stats", backend, features.device)
     if weights is None:
         return impl(features, labels, num_classes, ignore_index)
-    return impl(features, labels, num_classes, ignore_index, weights)
+    # Every backend, the reference too, weights through its unweighted kernel (ops/_derived.py);
+    # lsr_fast.reference.class_feature_stats(..., weights=) is the independent oracle.
+    return weighted_class_feature_stats(impl, features, labels, num_classes, ignore_index, weights)
 
 
 def clustering_loss(

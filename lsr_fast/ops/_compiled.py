@@ -13,7 +13,7 @@ from typing import Union
 import torch
 
 from ._checks import DISTANCES
-from ._derived import losses_from_feature_terms, with_weights
+from ._derived import losses_from_feature_terms
 
 try:
     from lsr_fast import _C  # noqa: F401  (loading it registers torch.ops.lsr_fast.*)
@@ -193,11 +193,8 @@ def pseudo_label_downsample(probs, size, threshold, confidence, ignore_index):
     return torch.ops.lsr_fast.pseudo_label_downsample(probs, size[0], size[1], threshold, confidence, ignore_index)
 
 
-def _class_feature_stats(features, labels, num_classes, ignore_index):
+def class_feature_stats(features, labels, num_classes, ignore_index):
     return torch.ops.lsr_fast.class_feature_stats(features, labels, num_classes, ignore_index)
-
-
-class_feature_stats = with_weights(_class_feature_stats)
 
 
 def feature_terms(

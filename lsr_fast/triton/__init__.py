@@ -20,7 +20,7 @@ from typing import Union
 import torch
 
 from ..ops._checks import DISTANCES
-from ..ops._derived import losses_from_feature_terms, with_weights
+from ..ops._derived import losses_from_feature_terms
 
 try:
     import triton  # noqa: F401
@@ -114,11 +114,8 @@ def pseudo_label_downsample(probs, size, threshold, confidence, ignore_index):
     return torch.ops.lsr_fast_triton.pseudo_label_downsample(probs, size[0], size[1], threshold, confidence, ignore_index)
 
 
-def _class_feature_stats(features, labels, num_classes, ignore_index):
+def class_feature_stats(features, labels, num_classes, ignore_index):
     return torch.ops.lsr_fast_triton.class_feature_stats(features, labels, num_classes, ignore_index)
-
-
-class_feature_stats = with_weights(_class_feature_stats)
 
 
 def _reference_tensor(reference: Union[float, torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
