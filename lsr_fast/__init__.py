@@ -16,6 +16,7 @@ from .ops import (
     maxsquare_loss,
     norm_alignment_loss,
     perpendicularity_loss,
+    prototype_distances,
     pseudo_label_downsample,
     set_value_checks,
     value_checks,
@@ -35,14 +36,16 @@ __all__ = [
     "perpendicularity_loss",
     "norm_alignment_loss",
     "maxsquare_loss",
+    "prototype_distances",
     "reference",
 ]
 
 from .eval.metrics import confusion_matrix, masr, mean_iou, per_class_iou  # noqa: E402
+from .bank import PrototypeBank  # noqa: E402
 from .regularizer import PRESETS, LSRRegularizer  # noqa: E402
 
 # Load every backend now, not at the first op call: an import inside torch.compile(fullgraph=True)
 # would break the graph.
 available_backends()
 
-__all__ += ["LSRRegularizer", "PRESETS", "confusion_matrix", "per_class_iou", "mean_iou", "masr", "feature_terms"]
+__all__ += ["LSRRegularizer", "PrototypeBank", "PRESETS", "confusion_matrix", "per_class_iou", "mean_iou", "masr", "feature_terms"]

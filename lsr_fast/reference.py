@@ -28,12 +28,19 @@ __all__ = [
     "norm_alignment_loss",
     "maxsquare_loss",
     "update_prototypes",
+    "prototype_distances",
     "COSINE_EPS",
+    "PROTOTYPE_METRICS",
 ]
 
 # cos(a, b) = a.b / (max(|a|, eps) * max(|b|, eps)): a zero prototype (possible after a ReLU)
 # has cosine 0 with everything instead of NaN.
 COSINE_EPS = 1e-8
+# prototype_distances' metrics.
+PROTOTYPE_METRICS = ("l2", "cosine")
+# A squared distance |f|^2 - 2 f.p + |p|^2 below this fraction of |f|^2 + |p|^2 is the GEMM's
+# rounding noise (about u * (|f|^2 + |p|^2)): it is reported as distance 0 with gradient 0.
+_L2_NOISE = {torch.float32: 16 * 2.0**-24, torch.float64: 16 * 2.0**-53}
 
 
 def window_bounds(in_size: int, out_size: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -204,18 +211,28 @@ def _class_index(labels: torch.Tensor, num_classes: int, ignore_index: int) -> t
 
 
 def class_feature_stats(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-class sums (C, K) and counts (C,) int64 of the feature vectors; void is skipped.
 
-    A one-hot matrix product ((C+1) x N times N x K per image) does the scatter-reduction with a
-    GEMM and reads the NCHW features in place; its backward (a gather) comes from autograd.
+    With ``weights`` (the shape of ``labels``, constants) the sums are of w * f and the counts
+    are the per-class sums of w, in the sums' dtype. A one-hot (weight) matrix product
+    ((C+1) x N times N x K per image) does the scatter-reduction with a GEMM and reads the NCHW
+    features in place; its backward (a gather, times w) comes from autograd.
     """
-    rows, labels = _as_rows(features, labels)
-    index = _class_index(labels, num_classes, ignore_index)
+    rows, flat_labels = _as_rows(features, labels)
+    index = _class_index(flat_labels, num_classes, ignore_index)
     acc = _accumulate_dtype(features)
     one_hot = F.one_hot(index, num_classes + 1).to(acc)  # (B, N, C+1)
+    if weights is not None:
+        one_hot = one_hot * weights.detach().to(acc).reshape(index.shape).unsqueeze(-1)
     sums = torch.einsum("bnc,bkn->ck", one_hot, rows.to(acc))[:num_classes]
+    if weights is not None:
+        return sums, one_hot.sum(dim=(0, 1))[:num_classes]
     counts = torch.bincount(index.reshape(-1), minlength=num_classes + 1)[:num_classes]
     return sums, counts
 
@@ -379,10 +396,12 @@ def update_prototypes(
 
     p_c = sums_c / counts_c; p^_c <- momentum * p^_c + (1 - momentum) * p_c where counts_c > 0,
     absent classes keep p^_c. With ``init="first"`` a class seen for the first time takes p_c.
+    ``counts`` may be float weight sums (weighted class_feature_stats), below 1 too.
     Returns new (prototypes, seen) tensors, detached; the inputs are not modified.
     """
     present = counts > 0
-    batch = sums.detach().to(prototypes.dtype) / counts.clamp(min=1).to(prototypes.dtype).unsqueeze(1)
+    divisor = torch.where(present, counts.to(prototypes.dtype), torch.ones((), dtype=prototypes.dtype, device=counts.device))
+    batch = sums.detach().to(prototypes.dtype) / divisor.unsqueeze(1)
     blended = momentum * prototypes + (1.0 - momentum) * batch
     if init == "first":
         blended = torch.where(seen.unsqueeze(1), blended, batch)
@@ -416,3 +435,43 @@ def feature_terms(
     dist_sums = _class_distance_sums(rows, index, prototypes, acc, distance)
     per_vector, norms = _norm_terms(rows, reference, mode, filtered, acc)
     return sums, counts, dist_sums, per_vector.sum(), norms.sum()
+
+
+def prototype_distances(features: torch.Tensor, prototypes: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """Distance (``"l2"``: ||f - p_c||) or similarity (``"cosine"``) of every feature vector to
+    every prototype: (B, K, h, w) -> (B, C, h, w), (N, K) -> (N, C); prototypes (C, K).
+
+    One GEMM of f with p and the vectors' squared norms: ||f - p||^2 = |f|^2 - 2 f.p + |p|^2.
+    Computed in float32 (float64 if either input is float64) and returned in that dtype;
+    differentiable w.r.t. both inputs. At a zero distance the gradient is 0 (not NaN), and a
+    squared distance within the GEMM's rounding noise (see _L2_NOISE) counts as zero, so the
+    gradient stays bounded by about 1 where the two vectors coincide. Cosine: a vector whose
+    norm is below COSINE_EPS has similarity 0 with everything and gets no gradient (as in
+    perpendicularity_loss).
+    """
+    acc = torch.float64 if torch.float64 in (features.dtype, prototypes.dtype) else torch.float32
+    rows = features.dim() == 2
+    f = features.to(acc)
+    f = f.unsqueeze(0).transpose(1, 2) if rows else f.reshape(f.shape[0], f.shape[1], f.shape[2] * f.shape[3])
+    # A copy (differentiable): autograd saves it, and a PrototypeBank updates its buffer in place
+    # between this forward and the backward.
+    p = prototypes.to(acc, copy=True)
+    dots = torch.matmul(p, f)  # (B, C, N): a batched GEMM that reads NCHW or channels_last in place
+    f_sq = f.pow(2).sum(dim=1, keepdim=True)  # (B, 1, N)
+    p_sq = p.pow(2).sum(dim=1).view(1, -1, 1)  # (1, C, 1)
+    if metric == "l2":
+        sq = f_sq - 2 * dots + p_sq
+        real = sq > _L2_NOISE[acc] * (f_sq + p_sq).detach()
+        # sqrt only where its gradient is finite; the other branch is a constant 0.
+        one, zero = torch.ones((), dtype=acc, device=sq.device), torch.zeros((), dtype=acc, device=sq.device)
+        out = torch.where(real, torch.where(real, sq, one).sqrt(), zero)
+    else:
+        # Squares clamped before the sqrt: its gradient at 0 is infinite, and 0 * inf is NaN
+        # even in the branch torch.where drops.
+        eps_sq = COSINE_EPS * COSINE_EPS
+        ok = (f_sq >= eps_sq) & (p_sq >= eps_sq)
+        cos = dots / (f_sq.clamp(min=eps_sq).sqrt() * p_sq.clamp(min=eps_sq).sqrt())
+        out = torch.where(ok, cos, torch.zeros((), dtype=acc, device=cos.device))
+    if rows:
+        return out.squeeze(0).t()
+    return out.view(features.shape[0], prototypes.shape[0], features.shape[2], features.shape[3])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from . import ops, reference
+from .bank import DISTRIBUTED, PrototypeBank, all_reduce_sum
 
 # Weights published with the authors' code (DESIGN.md): GTA5 -> Cityscapes, SYNTHIA -> Cityscapes.
 # "gta5"/"synthia" pair them with the paper's equations; "*_released" with the loss forms of the
@@ -32,13 +32,15 @@ NORM_FORMS = ("paper", "released")
 TERMS = ("clustering_source", "clustering_target", "perpendicularity", "norm_source", "norm_target", "entropy")
 
 
-class LSRRegularizer(nn.Module):
+class LSRRegularizer(PrototypeBank):
     """Clustering (Eq. 5), perpendicularity (Eq. 6), norm alignment (Eqs. 7-8) and, for L+, the
     image-wise MaxSquare term, over one source and one target feature map per call.
 
-    Buffers: ``prototypes`` (C, K) float32, the EMA prototypes p^ (Eqs. 2-3); ``seen`` (C,), the
-    classes whose p^ has been estimated; ``mean_source_norm``, f-bar_s of the last step; and
-    ``steps``, the number of training-mode calls. In eval mode nothing is updated.
+    Buffers: ``prototypes`` (C, K) float32, the EMA prototypes p^ (Eqs. 2-3), and ``seen`` (C,),
+    the classes whose p^ has been estimated, are those of the :class:`PrototypeBank` it extends
+    (so the state_dict keys are those of every earlier version); ``mean_source_norm``, f-bar_s of
+    the last step; and ``steps``, the number of training-mode calls. In eval mode nothing is
+    updated.
 
     Loss forms. ``clustering_distance="squared_l2"`` is Eq. 5, ``"l1_mean"`` the released code's
     L1 mean over the class's vectors and channels, summed over classes and divided by C.
@@ -97,7 +99,6 @@ class LSRRegularizer(nn.Module):
         distributed: str = "auto",
         process_group: Optional[dist.ProcessGroup] = None,
     ):
-        super().__init__()
         for name, value in (("num_classes", num_classes), ("feature_dim", feature_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -120,18 +121,17 @@ class LSRRegularizer(nn.Module):
             raise ValueError(f"norm_form must be one of {NORM_FORMS}, got {norm_form!r}")
         if prototype_init not in ("zero", "first"):
             raise ValueError(f"prototype_init must be 'zero' (paper) or 'first', got {prototype_init!r}")
-        if distributed not in ("auto", "on", "off"):
+        if distributed not in DISTRIBUTED:
             raise ValueError(f"distributed must be 'auto', 'on' or 'off', got {distributed!r}")
-        self.num_classes, self.feature_dim = num_classes, feature_dim
+        super().__init__(num_classes, feature_dim, momentum=momentum, init=prototype_init, distributed=distributed,
+                         process_group=process_group)
+        self.feature_dim = feature_dim
         self.lambda_cluster, self.lambda_perp = float(lambda_cluster), float(lambda_perp)
         self.lambda_norm, self.lambda_entropy = float(lambda_norm), float(lambda_entropy)
-        self.alpha, self.momentum, self.norm_delta = float(alpha), float(momentum), float(norm_delta)
+        self.alpha, self.norm_delta = float(alpha), float(norm_delta)
         self.label_threshold, self.confidence = float(label_threshold), float(confidence)
         self.ignore_index, self.prototype_init, self.backend = ignore_index, prototype_init, backend
-        self.distributed, self.process_group = distributed, process_group
         self.clustering_distance, self.norm_form = clustering_distance, norm_form
-        self.register_buffer("prototypes", torch.zeros(num_classes, feature_dim))
-        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("mean_source_norm", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         # Host copy of `steps > 0`, so forward never reads a device value (no sync).
@@ -152,21 +152,8 @@ class LSRRegularizer(nn.Module):
             self._norm_initialised = bool(state_dict[prefix + "steps"] > 0)
 
     def _sync_group(self):
-        """The process group this call all-reduces over, or None for a single-process call."""
-        if self.distributed == "off" or not self.training:
-            return None
-        initialised = dist.is_available() and dist.is_initialized()
-        if not initialised:
-            if self.distributed == "on":
-                raise RuntimeError(
-                    "distributed='on' but torch.distributed is not initialised; call "
-                    "torch.distributed.init_process_group first, or pass distributed='auto'"
-                )
-            return None
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        if self.distributed == "auto" and dist.get_world_size(group) < 2:
-            return None
-        return group
+        """The process group this call all-reduces over, or None: eval-mode calls stay local."""
+        return self.sync_group() if self.training else None
 
     def _labels_at(self, labels: torch.Tensor, size) -> torch.Tensor:
         if tuple(labels.shape[-2:]) == tuple(size):
@@ -240,7 +227,7 @@ class LSRRegularizer(nn.Module):
             if group is None:
                 f_bar = norms.mean()
             else:
-                norm_sum, count = _all_reduce_sum([norms.sum(), norms.new_full((), norms.numel())], group)
+                norm_sum, count = all_reduce_sum([norms.sum(), norms.new_full((), norms.numel())], group)
                 f_bar = norm_sum / count
         norm_reference = f_bar + self.norm_delta
 
@@ -267,11 +254,11 @@ class LSRRegularizer(nn.Module):
             # back over the ranks) and one plain one for the counts. MaxSquare is a mean over
             # images, so its per-rank sum over images is reduced and divided by all images.
             target_images = target_probs.shape[0]
-            s_sums, s_sq, t_sq, s_norm_loss, t_norm_loss, entropy_sum, s_norm_sum, t_norm_sum = _all_reduce_sum(
+            s_sums, s_sq, t_sq, s_norm_loss, t_norm_loss, entropy_sum, s_norm_sum, t_norm_sum = all_reduce_sum(
                 [s_sums, s_sq, t_sq, s_norm_loss, t_norm_loss, entropy * target_images,
                  s_norm_sum.detach(), t_norm_sum.detach()], group, differentiable=True)
             sizes = torch.stack([s_counts.new_full((), n) for n in (source_vectors, target_vectors, target_images)])
-            s_counts, t_counts, sizes = _all_reduce_sum([s_counts, t_counts, sizes], group)
+            s_counts, t_counts, sizes = all_reduce_sum([s_counts, t_counts, sizes], group)
             source_vectors, target_vectors = sizes[0], sizes[1]
             entropy = entropy_sum / sizes[2]
 
@@ -303,23 +290,10 @@ class LSRRegularizer(nn.Module):
 
     @torch.no_grad()
     def _update_state(self, sums: torch.Tensor, counts: torch.Tensor, source_mean_norm: torch.Tensor) -> None:
-        new_prototypes, new_seen = reference.update_prototypes(
-            self.prototypes, self.seen, sums.detach().to(self.prototypes.dtype), counts,
-            momentum=self.momentum, init=self.prototype_init,
-        )
-        self.prototypes.copy_(new_prototypes)
-        self.seen.copy_(new_seen)
+        self._blend(sums, counts)  # sums and counts are all ranks' already (forward reduced them)
         self.mean_source_norm.copy_(source_mean_norm)
         self.steps.add_(1)
         self._norm_initialised = True
-
-    def mean_prototype_angle(self) -> torch.Tensor:
-        """Mean angle in degrees over pairs of distinct seen prototypes (the paper's Fig. 6
-        diagnostic); NaN when fewer than two classes have been seen."""
-        unit = self.prototypes / torch.linalg.vector_norm(self.prototypes, dim=1, keepdim=True).clamp(min=reference.COSINE_EPS)
-        angles = torch.rad2deg(torch.acos((unit @ unit.t()).clamp(-1.0, 1.0)))
-        pairs = self.seen.unsqueeze(0) & self.seen.unsqueeze(1) & ~torch.eye(self.num_classes, dtype=torch.bool, device=self.seen.device)
-        return (angles * pairs).sum() / pairs.sum()
 
     def extra_repr(self) -> str:
         return (
@@ -328,22 +302,6 @@ class LSRRegularizer(nn.Module):
             f"alpha={self.alpha}, momentum={self.momentum}, norm_delta={self.norm_delta}, "
             f"clustering_distance={self.clustering_distance!r}, norm_form={self.norm_form!r}, backend={self.backend!r}"
         )
-
-
-class _AllReduceSumFunction(torch.autograd.Function):
-    """Sum over the ranks whose backward sums the gradients over the ranks too (what
-    torch.distributed.nn.functional.all_reduce does; that one warns FutureWarning on every call)."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(tensor, group=group)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _AllReduceSumFunction.apply(grad, ctx.group), None
 
 
 @contextlib.contextmanager
@@ -363,15 +321,3 @@ def _named_as(**names):
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _all_reduce_sum(parts: List[torch.Tensor], group, differentiable: bool = False) -> List[torch.Tensor]:
-    """Each tensor of ``parts`` summed over the ranks of ``group``, in one collective; returned
-    with its own shape and dtype (they travel in the promoted dtype of all of them)."""
-    flat = torch.cat([part.reshape(-1) for part in parts])
-    if differentiable:
-        flat = _AllReduceSumFunction.apply(flat, group)
-    else:
-        dist.all_reduce(flat, group=group)
-    chunks = flat.split([part.numel() for part in parts])
-    return [chunk.view(part.shape).to(part.dtype) for chunk, part in zip(chunks, parts)]

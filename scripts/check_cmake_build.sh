@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Configures and builds csrc/ as a LibTorch library with CMake (CPU kernels) and runs the C++
-# example against it. Uses the torch of .venv (scripts/setup.sh makes it).
+# examples against it. Uses the torch of .venv (scripts/setup.sh makes it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
@@ -11,4 +11,5 @@ cmake -S . -B "$build" -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release 
   || { cat "$build/configure.log"; echo "cmake: configure failed"; exit 1; }
 cmake --build "$build" -j 2 > "$build/build.log" 2>&1 || { tail -50 "$build/build.log"; echo "cmake: build failed"; exit 1; }
 "$build/lsr_fast_example"
-echo "cmake: LibTorch library and example built and ran"
+"$build/lsr_fast_prototype_example"
+echo "cmake: LibTorch library and examples built and ran"

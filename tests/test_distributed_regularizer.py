@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lsr_fast
-from lsr_fast import LSRRegularizer
+from lsr_fast import LSRRegularizer, PrototypeBank, reference
 
 WORLD = 2
 SOURCE_SPLIT = (2, 1)  # source images of rank 0, rank 1: ranks may hold different batch sizes
@@ -147,6 +147,29 @@ def eval_is_local(reg, rank):
     return {key: (got[key], want[key]) for key in TERM_KEYS}
 
 
+def bank_steps(rank=None):
+    """PrototypeBank updates from each rank's share of STEPS batches (rank None: one process on
+    the concatenation): integer counts with the zero init, and float weight sums (confidences)
+    with init="first". Returns both banks' (prototypes, seen) after every step."""
+    banks = (PrototypeBank(C, K), PrototypeBank(C, K, momentum=0.6, init="first"))
+    records = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(2000 + step)
+        features = torch.randn(sum(SOURCE_SPLIT), K, 3, 4, generator=g)
+        labels = torch.randint(0, C, (sum(SOURCE_SPLIT), 3, 4), generator=g)
+        labels[torch.rand(labels.shape, generator=g) < 0.3] = V
+        weights = torch.rand(labels.shape, generator=g)
+        if rank is not None:
+            features, labels, weights = (share(t, SOURCE_SPLIT, rank) for t in (features, labels, weights))
+        sums, counts = reference.class_feature_stats(features, labels, C)
+        one_hot = torch.nn.functional.one_hot(torch.where(labels == V, C, labels), C + 1)[..., :C].float()
+        w = one_hot * weights.unsqueeze(-1)  # (B, h, w, C)
+        banks[0].update(sums, counts)
+        banks[1].update(torch.einsum("bkhw,bhwc->ck", features, w), w.sum((0, 1, 2)))
+        records.append([(b.prototypes.clone(), b.seen.clone()) for b in banks])
+    return records
+
+
 def worker(rank, init_file, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
@@ -154,6 +177,7 @@ def worker(rank, init_file, out_file):
     for backend in BACKENDS:
         reg, results[backend] = run_steps(backend, rank, *SETTINGS[backend])
     results["eval"] = eval_is_local(reg, rank)
+    results["bank"] = bank_steps(rank)
     torch.save(results, out_file)
     dist.destroy_process_group()
 
@@ -247,6 +271,18 @@ def test_eval_mode_does_not_communicate(ranks):
     assert ranks[1]["eval"] is None
     for key, (got, want) in ranks[0]["eval"].items():
         assert torch.equal(got, want), key
+
+
+def test_prototype_bank_equals_one_process_on_every_rank(ranks):
+    want = bank_steps()
+    for step in range(STEPS):
+        for i, (prototypes, seen) in enumerate(want[step]):
+            assert prototypes.abs().sum() > 0
+            for r in range(WORLD):
+                got_prototypes, got_seen = ranks[r]["bank"][step][i]
+                assert torch.equal(got_seen, seen), f"step {step} bank {i} rank {r}: seen"
+                close(got_prototypes, prototypes, f"step {step} bank {i} rank {r}: prototypes")
+            assert torch.equal(ranks[0]["bank"][step][i][0], ranks[1]["bank"][step][i][0])
 
 
 def test_distributed_argument():

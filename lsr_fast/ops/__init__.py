@@ -14,6 +14,8 @@ import torch
 from . import _checks as check
 from ._backends import BACKENDS, available_backends, resolve
 from ._checks import DISTANCES, set_value_checks, value_checks
+from ._derived import weighted_class_feature_stats
+from ..reference import PROTOTYPE_METRICS
 
 __all__ = [
     "BACKENDS",
@@ -28,6 +30,7 @@ __all__ = [
     "norm_alignment_loss",
     "maxsquare_loss",
     "feature_terms",
+    "prototype_distances",
 ]
 
 Size = Union[int, Sequence[int]]
@@ -93,6 +96,7 @@ def class_feature_stats(
     labels: torch.Tensor,
     num_classes: int,
     *,
+    weights: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -100,14 +104,22 @@ def class_feature_stats(
 
     ``features`` (B, K, h, w) with ``labels`` (B, h, w), or rows (N, K) with labels (N,).
     Vectors labelled ``ignore_index`` are skipped. Sums are float32 for half-precision and
-    float32 features, float64 for float64 features.
+    float32 features, float64 for float64 features. ``weights`` (the shape of ``labels``, float,
+    finite, >= 0; constants, no gradient): the sums are of w * f and the counts become the
+    per-class sums of w, in the sums' dtype (masked average pooling, confidence-weighted
+    prototypes: sums / counts).
     """
     check.features_and_labels(features, labels)
     check.positive_int("num_classes", num_classes)
     check.integer("ignore_index", ignore_index)
+    weights = check.vector_weights(weights, labels)
     check.label_values("labels", labels, num_classes, ignore_index)
     impl = resolve("class_feature_stats", backend, features.device)
-    return impl(features, labels, num_classes, ignore_index)
+    if weights is None:
+        return impl(features, labels, num_classes, ignore_index)
+    # Every backend, the reference too, weights through its unweighted kernel (ops/_derived.py);
+    # lsr_fast.reference.class_feature_stats(..., weights=) is the independent oracle.
+    return weighted_class_feature_stats(impl, features, labels, num_classes, ignore_index, weights)
 
 
 def clustering_loss(
@@ -244,3 +256,29 @@ def feature_terms(
     if relative_to is not None:
         norm_loss_sum = norm_loss_sum / relative_to
     return sums, counts, dist_sums, norm_loss_sum, norm_sum
+
+
+def prototype_distances(features: torch.Tensor, prototypes: torch.Tensor, *, metric: str = "l2") -> torch.Tensor:
+    """Euclidean distance (``metric="l2"``) or cosine similarity (``"cosine"``) of every feature
+    vector to every prototype: (B, K, h, w) -> (B, C, h, w), or (N, K) rows -> (N, C), with
+    ``prototypes`` (C, K) on the features' device; any memory format, differentiable w.r.t.
+    both. One GEMM plus the vectors' norms (no kernel of its own), in float32 (float64 if either
+    input is float64), returned in that dtype; no host synchronisation beyond the value checks.
+    A zero distance has gradient 0, and a vector with norm below 1e-8 has cosine 0 with every
+    other and gets no gradient from it (see lsr_fast.reference.prototype_distances).
+    """
+    check.float_tensor("features", features)
+    check.ndim("features", features, (2, 4), "(B, K, h, w) or (N, K)")
+    check.float_tensor("prototypes", prototypes)
+    check.ndim("prototypes", prototypes, (2,), "(C, K)")
+    if prototypes.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"prototypes must have width K={features.shape[1]} (features' dim 1), got shape {tuple(prototypes.shape)}")
+    if prototypes.device != features.device:
+        raise ValueError(f"prototypes is on {prototypes.device} but features is on {features.device}")
+    check.choice("metric", metric, PROTOTYPE_METRICS)
+    check.finite("features", features)
+    check.finite("prototypes", prototypes)
+    from .. import reference
+
+    return reference.prototype_distances(features, prototypes, metric)

@@ -183,6 +183,23 @@ def class_weights(value: Optional[torch.Tensor], num_classes: int) -> Optional[t
     return value
 
 
+def vector_weights(value: Optional[torch.Tensor], labels: torch.Tensor) -> Optional[torch.Tensor]:
+    """None, or per-vector weights: a float tensor shaped like ``labels`` on its device, finite
+    and >= 0 (a value check); returned detached (they are constants)."""
+    if value is None:
+        return None
+    float_tensor("weights", value)
+    if tuple(value.shape) != tuple(labels.shape):
+        raise ValueError(f"weights must have the shape of labels {tuple(labels.shape)}, got {tuple(value.shape)}")
+    if value.device != labels.device:
+        raise ValueError(f"weights is on {value.device} but labels is on {labels.device}")
+    if _value_checks and value.numel():
+        low, high = value.detach().aminmax()
+        if not bool(torch.isfinite(high) & (low >= 0)):  # NaN fails both; -inf fails low >= 0
+            raise ValueError("weights must be finite and >= 0 (got a negative, NaN or infinite weight)")
+    return value.detach()
+
+
 # The clustering distances, in the order of the raw ops' `distance` code (0, 1).
 DISTANCES = ("squared_l2", "l1_mean")
 
