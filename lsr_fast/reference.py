@@ -127,6 +127,30 @@ def _max_window(in_size: int, out_size: int) -> int:
     return max(((i + 1) * in_size + out_size - 1) // out_size - (i * in_size) // out_size for i in range(out_size))
 
 
+def _window_taps(in_size: int, out_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, extent) input positions of every window padded to the widest (clamped in range), and
+    which of them lie in the window."""
+    start, end = window_bounds(in_size, out_size, device)
+    pos = start.unsqueeze(1) + torch.arange(_max_window(in_size, out_size), device=device)
+    return pos.clamp(max=in_size - 1), pos < end.unsqueeze(1)
+
+
+def _window_sums(values: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Per-window sums of a (B, H, W) map -> (B, h, w), rows then columns.
+
+    Each window's values are gathered (padding adds 0) and summed: every partial sum holds only
+    values of its own window, so where a window's sum is exact (see
+    :func:`pseudo_label_downsample`) so is every step. An integral image would add the whole
+    image first and lose that for large maps.
+    """
+    H, W = values.shape[1:]
+    rows, row_ok = _window_taps(H, size[0], values.device)
+    cols, col_ok = _window_taps(W, size[1], values.device)
+    zero = values.new_zeros(())
+    bands = torch.where(row_ok.unsqueeze(-1), values[:, rows], zero).sum(2)  # (B, h, kh, W) -> (B, h, W)
+    return torch.where(col_ok, bands[:, :, cols], zero).sum(-1)  # (B, h, w, kw) -> (B, h, w)
+
+
 def _hist_downsample_pairwise(
     index: torch.Tensor, size: Tuple[int, int], num_classes: int, threshold: float, ignore_index: int,
     class_weights: Optional[torch.Tensor],
@@ -137,13 +161,8 @@ def _hist_downsample_pairwise(
     B, H, W = index.shape
     (h, w), void = size, num_classes
 
-    def taps(in_size, out_size):  # (out, extent) input positions of every window, and which exist
-        start, end = window_bounds(in_size, out_size, index.device)
-        pos = start.unsqueeze(1) + torch.arange(_max_window(in_size, out_size), device=index.device)
-        return pos.clamp(max=in_size - 1), pos < end.unsqueeze(1)
-
-    rows, row_ok = taps(H, h)
-    cols, col_ok = taps(W, w)
+    rows, row_ok = _window_taps(H, h, index.device)
+    cols, col_ok = _window_taps(W, w, index.device)
     window = index[:, rows.unsqueeze(2).unsqueeze(3), cols.unsqueeze(0).unsqueeze(1)]  # (B, h, kh, w, kw)
     exists = row_ok.unsqueeze(2).unsqueeze(3) & col_ok.unsqueeze(0).unsqueeze(1)
     pixels = rows.shape[1] * cols.shape[1]  # explicit: reshape(..., -1) fails for B = 0
@@ -173,15 +192,31 @@ def pseudo_label_downsample(
     """Pseudo-labels at feature resolution from (B, C, H, W) probabilities -> int64 (B, h, w).
 
     hist_downsample of the per-pixel argmax, then cells whose window-mean of the per-pixel max
-    probability is <= ``confidence`` become ``ignore_index``. The mean is taken in float32
-    (adaptive_avg_pool2d's windows); a cell whose mean lies within float32 rounding of
-    ``confidence`` may be decided differently by backends that sum in another order.
+    probability is <= ``confidence`` become ``ignore_index``.
+
+    Every backend takes that test as ``S > confidence * n`` in float64, with the same
+    expression: S the float64 sum of the window's maxima rounded to float32 (exact for float16
+    and bfloat16), n its pixel count, ``confidence`` the Python float (a double, not rounded to
+    float32). This is "mean > confidence" up to one rounding of ``confidence * n`` (2^-53
+    relative), and a cell whose mean equals ``confidence`` exactly is void.
+
+    Why the backends agree bit for bit although they add in different orders: a softmax's
+    maximum is at least 1/C >= 2^-k for C <= 2^k, and every float32 value >= 2^-(k+1) (room for
+    rounding below 1/C) is a multiple of 2^-(24+k). A sum of up to 2^(29-k) values in
+    [2^-(k+1), 1] is a multiple of 2^-(24+k) of at most 2^(29-k), held exactly by float64, so
+    no order of addition changes it (C = 19: windows up to 2^24 pixels; C = 1100: up to 2^18).
+    Exactness, and so agreement, can fail only for larger windows, for maxima far below 1/C,
+    or for inputs that are not probabilities; backends may then decide differently, and only
+    cells whose S is within ~1e-16 relative of ``confidence * n``.
     """
     num_classes = probs.shape[1]
     max_prob, prediction = probs.max(dim=1)
     labels = hist_downsample(prediction, size, num_classes, threshold, ignore_index)
-    mean_confidence = F.adaptive_avg_pool2d(max_prob.unsqueeze(1).to(torch.float32), size).squeeze(1)
-    return torch.where(mean_confidence > confidence, labels, torch.full_like(labels, ignore_index))
+    sums = _window_sums(max_prob.to(torch.float32).to(torch.float64), size)
+    y0, y1 = window_bounds(probs.shape[2], size[0], probs.device)
+    x0, x1 = window_bounds(probs.shape[3], size[1], probs.device)
+    count = ((y1 - y0).unsqueeze(1) * (x1 - x0)).to(torch.float64)  # (h, w), exact integers
+    return torch.where(sums > confidence * count, labels, torch.full_like(labels, ignore_index))
 
 
 def _accumulate_dtype(features: torch.Tensor) -> torch.dtype:

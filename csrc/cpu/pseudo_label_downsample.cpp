@@ -3,9 +3,9 @@
 //
 // Parallel over (image, output row). For each output row the task computes the argmax and max of
 // the rows of its window band into a small per-thread buffer (no full-resolution argmax map),
-// reusing the row it shares with the previous window when sizes do not divide. The window mean is
-// summed in float32 row-major and divided by the window height then width, exactly as
-// adaptive_avg_pool2d on the CPU does, so the cells match lsr_fast.reference bit for bit.
+// reusing the row it shares with the previous window when sizes do not divide. The confidence
+// test is the reference's: the window sum of the float32 max probabilities, added in float64
+// (exact for probabilities, so the order does not matter), against confidence * pixel count.
 #include <torch/library.h>
 
 #include <cstring>
@@ -20,7 +20,7 @@ namespace {
 template <typename scalar_t>
 void pseudo_label_kernel(const scalar_t* probs, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sB,
                          int64_t sC, int64_t sY, int64_t sX, int64_t h, int64_t w, float threshold,
-                         float confidence, int64_t ignore_index, int64_t* out) {
+                         double confidence, int64_t ignore_index, int64_t* out) {
   using cmp_t = acc_t<scalar_t>;
   std::vector<int64_t> x0(w), x1(w);
   for (int64_t j = 0; j < w; ++j) {
@@ -62,7 +62,7 @@ void pseudo_label_kernel(const scalar_t* probs, int64_t B, int64_t C, int64_t H,
       const int64_t kh = y1 - y0;
       for (int64_t j = 0; j < w; ++j) {
         std::fill(hist.begin(), hist.end(), 0);
-        float sum = 0.0f;
+        double sum = 0.0;
         for (int64_t y = 0; y < kh; ++y) {
           const int32_t* p = &pred[y * W];
           const float* m = &conf[y * W];
@@ -70,12 +70,13 @@ void pseudo_label_kernel(const scalar_t* probs, int64_t B, int64_t C, int64_t H,
             // A prediction equal to ignore_index (possible when it lies in [0, C)) does not vote,
             // as in hist_downsample of the argmax.
             if (p[x] != ignore_index) ++hist[p[x]];
-            sum += m[x];  // row-major, as adaptive_avg_pool2d
+            sum += m[x];
           }
         }
         const int64_t label = peak_ratio_decision(hist.data(), C, nullptr, threshold, ignore_index);
-        const float mean = sum / static_cast<float>(kh) / static_cast<float>(x1[j] - x0[j]);
-        out[r * w + j] = mean > confidence ? label : ignore_index;
+        // The same float64 expression in every backend (reference.pseudo_label_downsample).
+        const double count = static_cast<double>(kh * (x1[j] - x0[j]));
+        out[r * w + j] = sum > confidence * count ? label : ignore_index;
       }
     }
   });
@@ -99,7 +100,7 @@ at::Tensor pseudo_label_downsample_cpu(const at::Tensor& probs, int64_t out_h, i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "lsr_fast_pseudo_label_cpu", [&] {
     pseudo_label_kernel<scalar_t>(probs.const_data_ptr<scalar_t>(), B, C, H, W, probs.stride(0), probs.stride(1),
                                   probs.stride(2), probs.stride(3), out_h, out_w, static_cast<float>(threshold),
-                                  static_cast<float>(confidence), ignore_index, out.data_ptr<int64_t>());
+                                  confidence, ignore_index, out.data_ptr<int64_t>());
   });
   return out;
 }

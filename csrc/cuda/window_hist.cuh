@@ -10,13 +10,12 @@
 // Pixels on a window boundary between two tiles are read by both tiles (<= 1 row/column).
 //
 // pseudo_label_downsample computes the per-pixel argmax and max probability on the fly (no
-// full-resolution argmax tensor). The window mean of the max is summed in exactly the order of
-// adaptive_avg_pool2d's CUDA kernel (row-major, float32, then / kH / kW), so the <= confidence
-// decision matches the reference bit for bit and is deterministic: the maxima of a chunk of
-// kConfChunk pixels are parked in shared memory and one thread per cell adds its window's
-// values in row-major order.
+// full-resolution argmax tensor). The confidence test is the reference's: the window sum of the
+// float32 maxima, added in float64 (exact for probabilities, whatever the order), against
+// confidence * pixel count in float64. The maxima of a chunk of kConfChunk pixels are parked in
+// shared memory and one thread per cell adds its window's values.
 //
-// Histogram storage: shared memory while cells_per_tile * C ints fit (C <= ~9,900 for
+// Histogram storage: shared memory while cells_per_tile * C ints fit (C <= ~9,700 for
 // pseudo_label_downsample, ~12,000 for hist_downsample at one cell per tile); beyond that each
 // block gets a private slice of a global-memory scratch buffer (slower: the per-cell O(C) clear
 // and scan then go through L2). num_classes is limited to 2^24 (kMaxClasses).
@@ -42,22 +41,25 @@ template <typename scalar_t, bool kProbs>
 __global__ void __launch_bounds__(kThreads)
     window_label_kernel(const void* __restrict__ src, int label_kind, int64_t sB, int64_t sC, int64_t sH, int64_t sW,
                         int num_classes, WindowGeometry g, const float* __restrict__ weights, float threshold,
-                        float confidence, int64_t ignore_index, int* __restrict__ global_hist,
+                        double confidence, int64_t ignore_index, int* __restrict__ global_hist,
                         int64_t* __restrict__ out) {
   using opmath_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int C = num_classes;
   const int cpt = g.cells_per_tile;
-  int* hist;
+  // cpt <= kThreads doubles of window sums first (8-byte aligned), then the chunk's maxima, then
+  // the histogram.
   unsigned char* cursor = smem;
+  double* cell_sum = reinterpret_cast<double*>(cursor);  // kProbs
+  float* conf = reinterpret_cast<float*>(cursor + (kProbs ? kThreads * sizeof(double) : 0));
+  cursor += kProbs ? kThreads * sizeof(double) + kConfChunk * sizeof(float) : 0;
+  int* hist;
   if (global_hist != nullptr) {
     hist = global_hist + static_cast<int64_t>(blockIdx.x) * cpt * C;
   } else {
     hist = reinterpret_cast<int*>(cursor);
     cursor += static_cast<size_t>(cpt) * C * sizeof(int);
   }
-  float* conf = reinterpret_cast<float*>(cursor);        // kConfChunk floats (kProbs)
-  float* cell_sum = conf + (kProbs ? kConfChunk : 0);     // cpt floats (kProbs)
 
   const int t = threadIdx.x;
   const int lane = lane_id();
@@ -80,7 +82,7 @@ __global__ void __launch_bounds__(kThreads)
 
     for (int64_t k = t; k < static_cast<int64_t>(ncell) * C; k += kThreads) hist[k] = 0;
     // Phase-2 state of cell j0 + t: its columns (tile-local) and running sum.
-    float run = 0.f;
+    double run = 0.0;
     int cx0 = 0, cx1 = 0;
     if (kProbs && t < ncell) {
       cx0 = static_cast<int>(window_start(j0 + t, g.W, g.w)) - x0;
@@ -175,9 +177,9 @@ __global__ void __launch_bounds__(kThreads)
         if constexpr (kProbs) {
           const int kH = y1 - y0;
           const int kW = static_cast<int>(window_end(j0 + cl, g.W, g.w) - window_start(j0 + cl, g.W, g.w));
-          // adaptive_avg_pool2d's division: sum / kH / kW.
-          const float mean = cell_sum[cl] / kH / kW;
-          if (!(mean > confidence)) label = ignore_index;
+          // The same float64 expression in every backend (reference.pseudo_label_downsample).
+          const double count = static_cast<double>(kH * kW);
+          if (!(cell_sum[cl] > confidence * count)) label = ignore_index;
         }
         out[(b * g.h + i) * g.w + j0 + cl] = label;
       }
@@ -207,7 +209,7 @@ inline WindowPlan plan_windows(int64_t B, int64_t H, int64_t W, int64_t h, int64
   const int64_t win_w = ceil_div(W, w) + 1;
   int64_t cpt = std::clamp<int64_t>(ceil_div(512, win_w), 1, std::min<int64_t>(w, kThreads));
   while (cpt > 8 && B * h * ceil_div(w, cpt) < 2 * sms) cpt = ceil_div(cpt, 2);
-  const int64_t extra = probs ? int64_t(kConfChunk + kThreads) * int64_t(sizeof(float)) : 0;
+  const int64_t extra = probs ? int64_t(kThreads * sizeof(double) + kConfChunk * sizeof(float)) : 0;
   const int64_t fit = (kSmemBudget - extra) / (C * int64_t(sizeof(int)));
   WindowPlan plan{};
   plan.global_hist = fit < 1;
@@ -240,7 +242,7 @@ inline void launch_window_kernel(const WindowPlan& plan, const at::Tensor& like,
   }
   window_label_kernel<scalar_t, kProbs><<<static_cast<unsigned>(plan.grid), kThreads, plan.smem, stream()>>>(
       src, label_kind, sB, sC, sH, sW, static_cast<int>(C), plan.g, weights, static_cast<float>(threshold),
-      static_cast<float>(confidence), ignore_index, global_hist, out.data_ptr<int64_t>());
+      confidence, ignore_index, global_hist, out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -14,12 +14,14 @@ n1 = max score with c1 its lowest index, n2 = max of the others (0 when C == 1);
 n1 > 0 and n2 < float32(threshold) * n1.
 
 pseudo_label_downsample fuses the per-pixel argmax (first on ties, compared in the input's
-precision for float64) and max over the classes; the window mean of the max is a float32 sum
-in row-major order divided by the window height then width, exactly as adaptive_avg_pool2d
-does it on the CPU, so the cells match the reference bit for bit.
+precision for float64) and max over the classes; the confidence test is the reference's: the
+float64 window sum of the float32 maxima (exact for probabilities, so the order does not matter)
+against confidence * pixel count in float64. ``confidence`` reaches the kernel as the bits of
+the double, because Triton passes a Python float as float32.
 """
 
 # No `from __future__ import annotations`: torch < 2.7's custom_op cannot read string annotations.
+import struct
 from typing import Optional
 
 import torch
@@ -39,7 +41,7 @@ HIST_CONFIGS = [
 MAX_TILE = 8192
 # Under the interpreter a program costs about a millisecond whatever its width: few, wide
 # programs, and a whole window row per step for hist_downsample. pseudo_label_downsample keeps
-# one column per step (BLOCK_DX = 1) so the window mean is summed in row-major order.
+# one column per step (BLOCK_DX = 1): its kernel gathers one pixel of each window at a time.
 INTERPRETER_MAX_TILE = 1 << 19
 
 
@@ -125,7 +127,7 @@ def _pseudo_label_kernel(
     probs_ptr, out_ptr,
     cells, H, W, h, w, C, max_kh, max_kw,
     s_pb, s_pc, s_py, s_px,
-    threshold, confidence, ignore_index,
+    threshold, confidence_bits, ignore_index,
     IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_DX: tl.constexpr,
 ):
     cell, b, y0, y1, x0, x1 = _cell_windows(h, w, H, W, BLOCK_W)
@@ -133,7 +135,7 @@ def _pseudo_label_kernel(
     cls = tl.arange(0, BLOCK_C)
     is_class = cls < C
     counts = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.int32)
-    confidence_sum = tl.zeros([BLOCK_W], dtype=tl.float32)
+    confidence_sum = tl.zeros([BLOCK_W], dtype=tl.float64)
     base = probs_ptr + b.to(tl.int64)[:, None] * s_pb + cls[None, :] * s_pc
     for dy in range(0, max_kh):
         y = y0 + dy
@@ -150,13 +152,14 @@ def _pseudo_label_kernel(
             # A prediction equal to ignore_index (when it lies in [0, C)) does not vote.
             votes = inside & (prediction != ignore_index)
             counts += ((prediction[:, None] == cls[None, :]) & votes[:, None]).to(tl.int32)
-            # Row-major float32 sum, as adaptive_avg_pool2d; + 0.0 leaves a sum unchanged.
-            confidence_sum += tl.where(inside, best.to(tl.float32), 0.0)
+            # float32 maxima added in float64 (exact: see reference.pseudo_label_downsample).
+            confidence_sum += tl.where(inside, best.to(tl.float32).to(tl.float64), 0.0)
     out = _peak_ratio_decision(counts, cls, probs_ptr, C, threshold, ignore_index, False)
-    kh = tl.where(is_cell, y1 - y0, 1).to(tl.float32)
-    kw = tl.where(is_cell, x1 - x0, 1).to(tl.float32)
-    mean = tl.math.div_rn(tl.math.div_rn(confidence_sum, kh), kw)  # IEEE division, as the CPU
-    out = tl.where(mean > confidence, out, ignore_index + tl.zeros([BLOCK_W], dtype=tl.int64))
+    # The same float64 expression in every backend. Adding the bits to a tensor also covers
+    # Triton passing an int equal to 1 as a constant.
+    confidence = (tl.zeros([BLOCK_W], dtype=tl.int64) + confidence_bits).to(tl.float64, bitcast=True)
+    count = ((y1 - y0) * (x1 - x0)).to(tl.float64)
+    out = tl.where(confidence_sum > confidence * count, out, ignore_index + tl.zeros([BLOCK_W], dtype=tl.int64))
     tl.store(out_ptr + cell, out, mask=is_cell)
 
 
@@ -208,11 +211,15 @@ def pseudo_label_downsample_op(
         probs, out,
         cells, H, W, out_h, out_w, C, window_extent(H, out_h), max_kw,
         probs.stride(0), probs.stride(1), probs.stride(2), probs.stride(3),
-        float(threshold), float(confidence), ignore_index,
+        float(threshold), _double_bits(confidence), ignore_index,
         IS_FP64=probs.dtype == torch.float64, BLOCK_C=block_c,
         **launch_meta(_interpreter_meta(cells, block_c, max_kw, vector_dx=False)),
     )
     return out
+
+
+def _double_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 @pseudo_label_downsample_op.register_fake

@@ -158,8 +158,8 @@ def make_labels(shape, C, ii, dtype, void, g):
 
 
 def dyadic_probs(shape, g):
-    """(B, C, H, W) probabilities in multiples of 1/8 summing to 1: every backend's window sums
-    are exact, so pseudo-labels must agree on every cell (README: rounding near ``confidence``)."""
+    """(B, C, H, W) probabilities in multiples of 1/8 summing to 1: window means often equal
+    ``confidence`` exactly, so the pseudo-label tie (void) is exercised on every backend."""
     B, C, H, W = shape
     if C == 0 or B * H * W == 0:
         return torch.zeros(shape)
