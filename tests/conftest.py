@@ -43,6 +43,10 @@ def required_backends():
 
 def pytest_configure(config):
     """Fail the whole session (exit status 4, nothing runs) when a required backend is not usable."""
+    config.addinivalue_line("markers", "paper_scale: DeepLabV2-ResNet-101 at the paper's image sizes on the CPU "
+                            "(~10 min on 2 cores, ~12 GiB); runs only with LSR_FAST_PAPER_SCALE=1 (tests/test_paper_scale.py)")
+    config.addinivalue_line("markers", "gpu_paper_shape: every op and a training step on the GPU at the paper's shape "
+                            "(tests/test_gpu_paper_shape.py; skipped without CUDA, LSR_FAST_GPU_TEST_DEVICE=cpu dry-runs it)")
     available = lsr_fast.available_backends()
     missing = [name for name in required_backends() if available[name] != "available"]
     if missing:

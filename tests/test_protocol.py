@@ -304,3 +304,23 @@ def test_a_list_naming_a_missing_image_stops_a_run_before_it_starts(tmp_path):
     with pytest.raises(ConfigError, match=rf"data\.val \(config\): split list {missing}: 'aachen/aachen_000777_000019_leftImg8bit' has no image"):
         train(config)
     assert not os.path.exists(config["out_dir"])
+
+
+def test_an_analysis_killed_half_way_is_redone(tmp_path, monkeypatch):
+    import lsr_fast.analysis as analysis
+    from lsr_fast.train import experiment
+
+    calls = []
+
+    def figures(source, adapted, *, out, device):
+        calls.append(out)
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "fig5.png"), "w").close()
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed after the first figure
+    monkeypatch.setattr(analysis, "analyze_checkpoints", figures)
+    with pytest.raises(KeyboardInterrupt):
+        experiment._analyze(str(tmp_path), torch.device("cpu"))
+    assert not os.path.exists(os.path.join(tmp_path, "analysis", experiment.ANALYSIS_DONE))
+    assert experiment._analyze(str(tmp_path), torch.device("cpu")) == os.path.join(tmp_path, "analysis")
+    assert len(calls) == 2 and os.path.isfile(os.path.join(tmp_path, "analysis", experiment.ANALYSIS_DONE))

@@ -38,6 +38,7 @@ from .config import (SCHEMA, ConfigError, _merge, _nest, check_paths, check_prot
 from .trainer import RESUME_FREE_KEYS, _flatten, train
 
 RUNS = ("target_only", "source_only", "lsr", "source_only_continued")
+ANALYSIS_DONE = "COMPLETE"  # written last into the analysis folder
 
 
 # ----------------------------------------------------------------------------- stage configs
@@ -261,8 +262,8 @@ def run_experiment(base: Dict[str, Any], *, runs: Optional[List[str]] = None, re
     figures = None
     if analyze and {"source_only", "lsr"} <= set(results):
         figures = os.path.join(out_dir, "analysis")
-        if resume and os.path.isdir(figures) and os.listdir(figures):
-            print(f"analysis: {figures} exists, skipped")
+        if resume and os.path.isfile(os.path.join(figures, ANALYSIS_DONE)):
+            print(f"analysis: {figures} is complete, skipped")
         else:
             figures = _analyze(out_dir, _device(base))
     print("Where things went:")
@@ -330,4 +331,6 @@ def _analyze(out_dir: str, device: torch.device) -> Optional[str]:
     figures = os.path.join(out_dir, "analysis")
     analyze_checkpoints(os.path.join(out_dir, "source_only", "best.pt"), os.path.join(out_dir, "lsr", "best.pt"),
                         out=figures, device=str(device))
+    # Figures are written one by one: only this marker says a killed analysis need not be redone.
+    atomic_write_text(os.path.join(figures, ANALYSIS_DONE), "complete\n")
     return figures

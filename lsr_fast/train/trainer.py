@@ -491,7 +491,7 @@ class Trainer:
                             if self.regularizer is not None:
                                 shown.update(clu=means[2] + means[3], perp=means[4], norm=means[5] + means[6], ent=means[7])
                             bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
-                    sums, window_start, window_steps = None, time.perf_counter(), 0
+                    sums, window_steps = None, 0
                 if t["val_every"] and self.step % t["val_every"] == 0 and self.step < t["steps"]:
                     result = self._validate()
                     self._print(f"\nstep {self.step}: val mIoU {result['miou']:.2f} (best {self.best['miou']:.2f} at {self.best['step']})")
@@ -503,6 +503,8 @@ class Trainer:
                         break
                 elif t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0:
                     self._save("last.pt")
+                if window_steps == 0:  # a new log window starts after validation and checkpoints, not before
+                    window_start = time.perf_counter()
                 if distributed.any_rank(self._stop_signal is not None, self.env, self.device):
                     self._save("last.pt")
                     status = "interrupted"
