@@ -207,8 +207,72 @@ def test_cases_cover_every_op_backend_and_pass():
     cases, skipped = bench.cases(torch.device("cpu"), shapes=["tiny"])
     assert {c.op for c in cases} == set(bench.OPS)
     assert {(c.op, c.pass_name) for c in cases} == {(op, p) for op, passes in bench.OPS.items() for p in passes}
-    assert {c.backend for c in cases} <= {"reference", "compile", "cpp"}
+    assert {c.backend for c in cases} <= {"reference", "compile", "cpp", "plain"}
     assert "dtype bfloat16" in skipped and "backend triton" in skipped and "backend cuda" in skipped
+    for op in bench.TOOLKIT_OPS:  # the plain-torch baseline first, then lsr_fast's backends, no torch.compile
+        backends = [c.backend for c in cases if c.op == op and c.backward]
+        assert backends[0] == "plain" and "compile" not in backends and "reference" in backends
+    assert {c.backend for c in cases if c.op not in bench.TOOLKIT_OPS} <= {"reference", "compile", "cpp"}
+
+
+def test_toolkit_cases_run_and_report_both_versions(tmp_path):
+    backends = ["reference", "cpp"] if HAS_CPP else ["reference"]
+    assert bench.main(QUICK + ["--ops", "toolkit", "--backends", ",".join(backends), "--out", str(tmp_path)]) == 0
+    _, (stem,) = report_files(tmp_path)
+    report = json.loads((tmp_path / (stem + ".json")).read_text())
+    measured = {(r["op"], r["pass"], r["backend"]): r for r in report["results"]}
+    assert set(measured) == {(op, p, b) for op in bench.TOOLKIT_OPS for p in ("fwd", "fwd+bwd") for b in ["plain"] + backends}
+    for (op, _, backend), r in measured.items():
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["bytes"] > 0, r
+        # Speed-ups are against the plain-torch version of the same step.
+        assert r["speedup"] == pytest.approx(measured[(op, r["pass"], "plain")]["median_ms"] / r["median_ms"])
+    assert report["steps"] == [] and all(g["met"] is None for g in report["goals"])
+    markdown = (tmp_path / (stem + ".md")).read_text()
+    for op in bench.TOOLKIT_OPS:
+        assert f"### {op}" in markdown
+    assert "| tiny | fwd+bwd | float32 | plain | " in markdown and "plain median / this median" in markdown
+
+
+def _toolkit_step(op, backend, dtype="float32"):
+    """Two calls of one toolkit step (a backward after the first) on the tiny inputs: the losses,
+    the gradients of the first, and the bank after both (None for the few-shot step, which has none)."""
+    from lsr_fast.bench import toolkit
+
+    x = bench.make_inputs("tiny", dtype, torch.device("cpu"))
+    forward, leaves, state = toolkit.build(op, x, bench.SHAPES["tiny"].C, backend, backward=True)
+    first = forward()
+    grads = torch.autograd.grad(first, leaves)
+    second = forward()
+    return (first.detach(), second.detach()), grads, state()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("op", ["toolkit_fewshot", "toolkit_proda", "toolkit_contrastive"])
+def test_toolkit_lsr_fast_and_plain_versions_compute_the_same_step(op, dtype, monkeypatch):
+    """The two versions a toolkit case times must be one computation: the same losses (also the
+    second step's, after the bank's update), gradients and bank, on every CPU backend; and the
+    plain version must run with every lsr_fast op and the PrototypeBank made unusable."""
+    assert set(bench.TOOLKIT_OPS) == {"toolkit_fewshot", "toolkit_proda", "toolkit_contrastive"}
+    with lsr_fast.value_checks(False):  # as the bench times them
+        results = {b: _toolkit_step(op, b, dtype) for b in ["reference"] + (["cpp"] if HAS_CPP else [])}
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("the plain-torch version called an lsr_fast op")
+
+        for name in ("class_feature_stats", "prototype_distances", "hist_downsample", "feature_terms", "PrototypeBank"):
+            monkeypatch.setattr(lsr_fast, name, forbidden)
+        plain = _toolkit_step(op, "plain", dtype)
+    (want_first, want_second), want_grads, (want_protos, want_seen) = plain
+    assert torch.isfinite(want_first) and want_first > 0.05 and all(g.abs().sum() > 0 for g in want_grads)  # a real case
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-2, atol=1e-3)
+    for backend, ((first, second), grads, (protos, seen)) in results.items():
+        torch.testing.assert_close(first, want_first, **tol, msg=lambda m: f"{backend}: loss: {m}")
+        torch.testing.assert_close(second, want_second, **tol, msg=lambda m: f"{backend}: second step's loss: {m}")
+        for got, want in zip(grads, want_grads):
+            torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{backend}: gradient: {m}")
+        if want_protos is not None:
+            torch.testing.assert_close(protos, want_protos, **tol)
+            assert torch.equal(seen, want_seen)
 
 
 def test_gpu_report_renders_and_judges_goals():

@@ -7,10 +7,12 @@ cases under pytest-benchmark. See benchmarks/README.md for what every number mea
 
     lsr-fast bench --quick                       # small shapes, few rounds
     lsr-fast bench --shapes gta5 --backends reference,cpp --ops losses,train_step
+    lsr-fast bench --shapes gta5 --backends cpp --ops toolkit   # the examples' methods vs plain torch
     lsr-fast bench --shapes gta5 --time-budget 8   # stop starting cases after 8 minutes
     lsr-fast bench --merge part1.json part2.json   # one report from runs split by shape or op
 
-Modules: ``workload`` (shapes, ops, cases, inputs, the timed callables, bytes moved), ``timing``
+Modules: ``workload`` (shapes, ops, cases, inputs, the timed callables, bytes moved), ``toolkit``
+(one step of each toolkit method of examples/, on the lsr_fast ops and in plain torch), ``timing``
 (timers, peak memory, copy bandwidth), ``step`` (the training step), ``running`` (one case, the
 machine's description), ``goals``, ``report`` (Markdown, chart, files), ``merge`` (one report
 from parts) and ``command`` (options, ``run``, ``main``). Every public name is importable from
@@ -24,15 +26,18 @@ from .report import free_stem, render_chart, render_markdown, write_report
 from .running import add_speedups, add_step_overheads, device_name, run_case
 from .step import STEP_CLASSES, STEP_SIZES, StepSize, prepare_step, step_variants
 from .timing import copy_bandwidth, measure, measure_interleaved, peak_memory, synchronize, timed_calls
-from .workload import (BACKENDS, DEFAULT_SHAPES, DTYPES, FAST_BACKENDS, OPS, PAPER_SHAPES, PASSES, SHAPES, STEP, Case,
-                       Prepared, Shape, backend_skip_reason, bytes_moved, cases, make_inputs, prepare)
+from .toolkit import PLAIN, TOOLKIT_OPS
+from .workload import (BACKENDS, DEFAULT_SHAPES, DTYPES, FAST_BACKENDS, OP_GROUPS, OPS, PAPER_SHAPES, PASSES, SHAPES, STEP,
+                       Case, Prepared, Shape, backend_skip_reason, baseline, bytes_moved, cases, expand_ops, make_inputs,
+                       prepare)
 
 __all__ = [
     "BACKENDS", "CASE_KEY", "CPU_GOALS", "Case", "DEFAULTS", "DEFAULT_SHAPES", "DTYPES", "FAST_BACKENDS",
-    "GPU_BANDWIDTH_GOAL", "GPU_COMPILE_GOAL", "GPU_STEP_GOAL_PCT", "LISTS", "MEASURING", "OPS", "PAPER_SHAPES",
-    "PASSES", "Prepared", "QUICK", "SAME_IN_EVERY_PART", "SHAPES", "STEP", "STEP_CLASSES", "STEP_SIZES", "Shape",
-    "StepSize", "add_speedups", "add_step_overheads", "backend_skip_reason", "bytes_moved", "cases", "configure_parser",
-    "copy_bandwidth", "device_name", "evaluate_goals", "free_stem", "main", "make_inputs", "measure",
-    "measure_interleaved", "merge_reports", "peak_memory", "prepare", "prepare_step", "render_chart", "render_markdown",
-    "run", "run_case", "step_variants", "synchronize", "timed_calls", "write_report",
+    "GPU_BANDWIDTH_GOAL", "GPU_COMPILE_GOAL", "GPU_STEP_GOAL_PCT", "LISTS", "MEASURING", "OPS", "OP_GROUPS",
+    "PAPER_SHAPES", "PASSES", "PLAIN", "Prepared", "QUICK", "SAME_IN_EVERY_PART", "SHAPES", "STEP", "STEP_CLASSES",
+    "STEP_SIZES", "Shape", "StepSize", "TOOLKIT_OPS", "add_speedups", "add_step_overheads", "backend_skip_reason",
+    "baseline", "bytes_moved", "cases", "configure_parser", "copy_bandwidth", "device_name", "evaluate_goals",
+    "expand_ops", "free_stem", "main", "make_inputs", "measure", "measure_interleaved", "merge_reports", "peak_memory",
+    "prepare", "prepare_step", "render_chart", "render_markdown", "run", "run_case", "step_variants", "synchronize",
+    "timed_calls", "write_report",
 ]

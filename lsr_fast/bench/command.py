@@ -23,7 +23,7 @@ from .report import write_report
 from .running import _device_description, _error_text, _versions, add_speedups, add_step_overheads, device_name, run_case
 from .step import STEP_SIZES, prepare_step, step_variants
 from .timing import copy_bandwidth, measure_interleaved, peak_memory
-from .workload import BACKENDS, DEFAULT_SHAPES, DTYPES, OPS, PASSES, SHAPES, STEP, _inputs_cache, cases
+from .workload import BACKENDS, DEFAULT_SHAPES, DTYPES, OP_GROUPS, OPS, PASSES, SHAPES, STEP, _inputs_cache, cases
 
 
 def _list_of(name: str, allowed: Sequence[str]) -> Callable[[str], List[str]]:
@@ -63,11 +63,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="small shapes, a tiny training step and few rounds (a smoke run); explicit options win")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run (default: cuda when visible, else cpu)")
-    parser.add_argument("--ops", type=_list_of("--ops", tuple(OPS) + (STEP,)), default=None,
-                        help=f"comma-separated ops (default all): {', '.join(OPS)}, {STEP}")
+    parser.add_argument("--ops", type=_list_of("--ops", tuple(OPS) + (STEP,) + tuple(OP_GROUPS)), default=None,
+                        help=f"comma-separated ops (default all): {', '.join(OPS)}, {STEP}; "
+                        + "; ".join(f"{name} = {', '.join(ops)}" for name, ops in OP_GROUPS.items())
+                        + " (one step of each toolkit method of examples/, also timed in plain torch)")
     parser.add_argument("--backends", type=_list_of("--backends", BACKENDS), default=None,
                         help="comma-separated backends (default all usable here): " + ", ".join(BACKENDS)
-                        + "; compile = torch.compile(reference)")
+                        + "; compile = torch.compile(reference), not for the toolkit ops, whose plain-torch "
+                        "version always runs")
     parser.add_argument("--shapes", type=_list_of("--shapes", tuple(SHAPES)), default=None,
                         help=f"comma-separated shapes (default {','.join(DEFAULT_SHAPES)}; --quick: small): "
                         + ", ".join(f"{k} {s.H}x{s.W}->{s.h}x{s.w} K={s.K} C={s.C}" for k, s in SHAPES.items()))

@@ -10,7 +10,8 @@ from typing import Dict, Optional
 from lsr_fast._atomic import atomic_write_bytes
 
 from .goals import _copy_gbps
-from .workload import BACKENDS, OPS
+from .toolkit import DESCRIPTIONS
+from .workload import BACKENDS, OPS, baseline
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -60,7 +61,9 @@ def render_markdown(report: dict) -> str:
         met = {True: "yes", False: f"**no**: {g['shortfall']}", None: "not measured"}[g["met"]]
         out.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {met} |")
     out += ["", "## Ops", "",
-            "Speed-up = reference median / this median (same op, shape, pass, dtype). MB moved = a hand model of "
+            "Speed-up = reference median / this median (same op, shape, pass, dtype); for the toolkit_* ops "
+            "(one step of each method of examples/, lsr_fast ops on a backend vs the same method in plain torch), "
+            "plain median / this median. MB moved = a hand model of "
             "the fewest bytes the case must read and write"
             + ("; GB/s = that over the median; % copy = that over the copy bandwidth." if gpu else
                " (GB/s against the copy bandwidth is reported for GPU runs; it is in the JSON here too).")]
@@ -71,7 +74,8 @@ def render_markdown(report: dict) -> str:
         columns = ["shape", "pass", "dtype", "backend", "median ms", "speed-up", "MB moved"]
         columns += ["GB/s", "% copy"] if gpu else []
         columns += ["peak MB", "note"]
-        out += ["", f"### {op}", "", "| " + " | ".join(columns) + " |",
+        out += ["", f"### {op}", ""] + ([DESCRIPTIONS[op], ""] if op in DESCRIPTIONS else [])
+        out += ["| " + " | ".join(columns) + " |",
                 "|---|---|---|---|" + "---:|" * (len(columns) - 5) + "---|"]
         for r in rows:
             cells = [r["shape"], r["pass"], r["dtype"], r["backend"]]
@@ -111,14 +115,15 @@ def render_markdown(report: dict) -> str:
 
 
 def render_chart(report: dict) -> bytes:
-    """PNG: per op, the speed-up of every backend over the reference (log scale), per case."""
+    """PNG: per op, the speed-up of every backend over the reference (plain torch for the toolkit
+    ops), log scale, per case."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    measured = [r for r in report["results"] if r.get("speedup") and r["backend"] != "reference"]
+    measured = [r for r in report["results"] if r.get("speedup") and r["backend"] != baseline(r["op"])]
     ops = [op for op in OPS if any(r["op"] == op for r in measured)]
     backends = [b for b in BACKENDS if any(r["backend"] == b for r in measured)]
     fig, axes = plt.subplots(max(len(ops), 1), 1, figsize=(11, 2.6 * max(len(ops), 1) + 0.6), squeeze=False)
@@ -139,14 +144,14 @@ def render_chart(report: dict) -> bytes:
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(["\n".join(g) for g in groups], fontsize=7)
-        ax.set_ylabel("speed-up vs reference")
+        ax.set_ylabel(f"speed-up vs {'plain torch' if baseline(op) != 'reference' else 'reference'}")
         ax.set_title(op, fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
     if not ops:
         axes[0, 0].text(0.5, 0.5, "no speed-up measured (needs the reference and another backend)", ha="center", va="center")
         axes[0, 0].set_axis_off()
     meta = report["meta"]
-    fig.suptitle(f"lsr_fast: speed-up over the reference, {meta['device']} {meta['date']} (torch {meta['versions']['torch']})",
+    fig.suptitle(f"lsr_fast: speed-up over the reference (toolkit ops: over plain torch), {meta['device']} {meta['date']} (torch {meta['versions']['torch']})",
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     buffer = io.BytesIO()

@@ -14,7 +14,7 @@ import torch
 import lsr_fast
 
 from .timing import measure, peak_memory
-from .workload import Case, prepare
+from .workload import Case, baseline, prepare
 
 
 def device_name(device: torch.device) -> str:
@@ -94,9 +94,10 @@ def run_case(case: Case, device: torch.device, timing: dict) -> dict:
 
 
 def add_speedups(results: List[dict]) -> None:
-    """speedup = reference median / this median, for the same op, shape, pass and dtype."""
+    """speedup = baseline median / this median, for the same op, shape, pass and dtype; the
+    baseline is the reference backend, or plain torch for the toolkit ops."""
     ref = {(r["op"], r["shape"], r["pass"], r["dtype"]): r["median_ms"]
-           for r in results if r["backend"] == "reference" and r["status"] == "ok"}
+           for r in results if r["backend"] == baseline(r["op"]) and r["status"] == "ok"}
     for r in results:
         base = ref.get((r["op"], r["shape"], r["pass"], r["dtype"]))
         r["speedup"] = base / r["median_ms"] if r["status"] == "ok" and base else None

@@ -12,7 +12,9 @@ import torch
 import lsr_fast
 from lsr_fast import reference
 
+from . import toolkit
 from .timing import synchronize
+from .toolkit import PLAIN, TOOLKIT_OPS
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ DEFAULT_SHAPES = ("gta5", "synthia", "cityscapes", "small")
 # map through lsr_fast.feature_terms (what LSRRegularizer computes per domain), "losses_released"
 # the same with the released code's forms (L1-mean clustering, relative filtered norm); "regularizer" is a
 # whole LSRRegularizer call (GTA5 preset, or SYNTHIA's for 16 classes) on one source and one target.
+# The toolkit_* ops are one step of each toolkit method (examples/*.py, see toolkit.py), timed on
+# every lsr_fast backend but compile and in plain torch (backend "plain", their speed-ups' baseline).
 OPS = {
     "hist_downsample": ("fwd",),
     "pseudo_label_downsample": ("fwd",),
@@ -49,7 +53,9 @@ OPS = {
     "losses_released": ("fwd", "fwd+bwd"),
     "maxsquare_loss": ("fwd", "fwd+bwd"),
     "regularizer": ("fwd", "fwd+bwd"),
+    **{op: ("fwd", "fwd+bwd") for op in TOOLKIT_OPS},
 }
+OP_GROUPS = {"toolkit": TOOLKIT_OPS}  # selectable with --ops as one name
 STEP = "train_step"  # selectable with --ops like an op
 BACKENDS = ("reference", "compile", "cpp", "cuda", "triton")  # "compile" = torch.compile(reference)
 PASSES = ("fwd", "fwd+bwd")
@@ -72,6 +78,16 @@ class Case:
     @property
     def name(self) -> str:
         return f"{self.op}-{self.shape}-{self.pass_name}-{self.dtype}-{self.backend}"
+
+
+def baseline(op: str) -> str:
+    """The backend every speed-up of ``op`` is measured against."""
+    return PLAIN if op in TOOLKIT_OPS else "reference"
+
+
+def expand_ops(ops: Sequence[str]) -> List[str]:
+    """``ops`` with each group name (``toolkit``) replaced by its ops, without repeats."""
+    return list(dict.fromkeys(op for name in ops for op in OP_GROUPS.get(name, (name,))))
 
 
 def backend_skip_reason(backend: str, device: torch.device) -> str:
@@ -99,10 +115,12 @@ def cases(
 ) -> Tuple[List[Case], Dict[str, str]]:
     """The cases that run on ``device``, and {what: why not} for the backends and dtypes left out.
 
-    Order: shape, dtype, op, pass, backend (reference first), so inputs are made once per shape
-    and dtype and each speed-up's reference is already measured.
+    Order: shape, dtype, op, pass, backend (the baseline first: reference, or plain for the
+    toolkit ops), so inputs are made once per shape and dtype and each speed-up's baseline is
+    already measured. ``ops`` may name a group of ops (``toolkit``).
     """
-    for name, given, known in (("ops", ops, tuple(OPS) + (STEP,)), ("backends", backends, BACKENDS),
+    ops = expand_ops(ops)
+    for name, given, known in (("ops", ops, tuple(OPS) + (STEP,) + tuple(OP_GROUPS)), ("backends", backends, BACKENDS),
                                ("shapes", shapes, tuple(SHAPES)), ("passes", passes, PASSES), ("dtypes", dtypes, DTYPES)):
         unknown = [item for item in given if item not in known]
         if unknown:
@@ -129,9 +147,12 @@ def cases(
             for op in OPS:
                 if op not in ops or (dtype == "int64") != (op == "hist_downsample"):
                     continue
+                run_on = [PLAIN] + [b for b in usable if b != "compile"] if op in TOOLKIT_OPS else usable
                 for pass_name in OPS[op]:
                     if pass_name in passes:
-                        out.extend(Case(op, shape, pass_name == "fwd+bwd", dtype, b) for b in usable)
+                        out.extend(Case(op, shape, pass_name == "fwd+bwd", dtype, b) for b in run_on)
+    if "compile" in usable and any(op in TOOLKIT_OPS for op in ops):
+        skipped["toolkit ops on compile"] = "torch.compile is timed on the LSR ops only; the toolkit ops' baseline is plain torch"
     return out, skipped
 
 
@@ -176,6 +197,10 @@ def make_inputs(shape: str, dtype: str, device: torch.device, seed: int = 0) -> 
         prototypes=prototypes,
         norm_reference=torch.linalg.vector_norm(features, dim=1).mean() + 0.002,
         grad_weights=torch.randn(s.C, s.K, generator=g),
+        # The toolkit ops': mask coverage of each cell (few-shot), target logits that favour the label (ProDA).
+        coverage=torch.rand(1, s.h, s.w, generator=g) * 0.75 + 0.25,
+        target_logits=(2 * torch.randn(1, s.C, s.h, s.w, generator=g)).scatter_add_(
+            1, small.clamp(max=s.C - 1).unsqueeze(1), torch.full((1, 1, s.h, s.w), 3.0)).to(float_dtype),
     )
     inputs = {k: v.to(device) for k, v in inputs.items()}
     _inputs_cache[key] = inputs
@@ -226,6 +251,9 @@ def _forward(op: str, x: dict, s: Shape, backend: str, backward: bool) -> Tuple[
         reg = reg.to(x["features"].device)
         fs, ft, p = leaf("features"), leaf("target_features"), leaf("probs")
         return (lambda: reg(fs, x["labels"], ft, p)["total"]), [fs, ft, p]
+    if op in TOOLKIT_OPS:
+        step, leaves, _ = toolkit.build(op, x, s.C, backend, backward)
+        return step, leaves
     raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
 
 
@@ -234,6 +262,8 @@ def bytes_moved(case: Case, x: dict) -> int:
     read once and every output written once per pass (backward re-reads what its gradient needs;
     a regularizer call is the sum of its ops, so the probabilities are read by two of them)."""
     s = SHAPES[case.shape]
+    if case.op in TOOLKIT_OPS:
+        return toolkit.bytes_moved(case.op, case.backward, x)
 
     def nb(t):
         return t.numel() * t.element_size()

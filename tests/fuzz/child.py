@@ -16,7 +16,8 @@ from .config import EXAMPLES, GROUPS, LONG_FACTOR, MEMORY_LIMIT
 from .runner import _indent, profile_name, run_group
 from .values import CaseFailure, Kind, _Strategies, _st
 from .spec_base import Spec
-from .public_specs import ClusteringSpec, HistSpec, MaxSquareSpec, NormSpec, PerpSpec, PseudoSpec, StatsSpec, TermsSpec
+from .public_specs import (ClusteringSpec, DistancesSpec, HistSpec, MaxSquareSpec, NormSpec, PerpSpec, PseudoSpec, StatsSpec,
+                           TermsSpec, WeightedStatsSpec)
 from .metric_specs import ConfusionSpec, IouSpec, MasrSpec, MeanIouSpec, RegularizerSpec
 from .raw_specs import RawHist, RawMaxSquare, RawMaxSquareBackward, RawPseudo, RawStats, RawStatsBackward, RawTerms, RawTermsBackward
 from .kinds import kinds
@@ -93,7 +94,7 @@ class Unit:
 
 
 def public_specs():
-    return [HistSpec(), PseudoSpec(), StatsSpec(), ClusteringSpec(), NormSpec(), MaxSquareSpec(), TermsSpec()]
+    return [HistSpec(), PseudoSpec(), StatsSpec(), WeightedStatsSpec(), ClusteringSpec(), NormSpec(), MaxSquareSpec(), TermsSpec()]
 
 
 def units_for(group: str) -> List[Unit]:
@@ -101,7 +102,8 @@ def units_for(group: str) -> List[Unit]:
         pairs = [(s, "cpp") for s in (RawHist(), RawPseudo(), RawStats(), RawStatsBackward(), RawTerms(), RawTermsBackward(),
                                        RawMaxSquare(), RawMaxSquareBackward())]
     elif group == "public-reference":
-        pairs = [(s, "reference") for s in public_specs() + [PerpSpec(), ConfusionSpec(), IouSpec(), MeanIouSpec(), MasrSpec(), RegularizerSpec()]]
+        pairs = [(s, "reference") for s in public_specs() + [PerpSpec(), DistancesSpec(), ConfusionSpec(), IouSpec(), MeanIouSpec(),
+                                                             MasrSpec(), RegularizerSpec()]]
     elif group == "public-cpp":
         pairs = [(s, "cpp") for s in public_specs() + [RegularizerSpec()]]
     elif group == "public-cuda":

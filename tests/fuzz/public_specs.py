@@ -210,6 +210,139 @@ class StatsSpec(FeatureSpecBase):
         return self.feature_zero_kinds()
 
 
+class WeightedStatsSpec(StatsSpec):
+    """class_feature_stats with per-vector ``weights`` (the toolkit's masked average pooling and
+    confidence-weighted prototypes; the weight sums become the second output). The unweighted
+    op's own kinds run in StatsSpec: here the kinds of the weights, and the features' dtypes and
+    layouts, the labels' void rule and empty inputs through the weighted path."""
+
+    tensors = ("features", "labels", "weights")
+    weights = ("weights",)  # finite and >= 0 (a value check), as class weights
+    outputs = ("float", "float")
+    partners = {"features": ("labels",), "labels": ("features",), "weights": ("labels",)}
+    FEATURE_KINDS = ("dtype float16", "dtype bfloat16", "dtype float64", "channels_last", "transposed memory",
+                     "stride 0 in dim 0 (expanded)")
+
+    def target(self, backend):
+        return f"public.class_feature_stats(weights=)[{backend}]"
+
+    def params(self, draw, ov, small):
+        p = self.feature_params(draw, ov, small)
+        p["zeros"] = pick(draw, ov, "zeros", st.sampled_from([0.0, 0.3, 1.0]))  # share of weights exactly 0
+        return p
+
+    def build(self, p):
+        g = gen(p["seed"])
+        features, labels = self.feature_tensors(p, g)
+        weights = torch.rand(labels.shape, generator=g) * 2
+        weights = torch.where(torch.rand(labels.shape, generator=g) < p["zeros"], torch.zeros(()), weights)
+        return dict(features=features, labels=labels, weights=weights, num_classes=p["C"], ignore_index=p["ii"])
+
+    def call(self, a, backend):
+        return lsr_fast.class_feature_stats(a["features"], a["labels"], a["num_classes"], weights=a["weights"],
+                                            ignore_index=a["ignore_index"], backend=backend)
+
+    def oracle(self, a):
+        C = effective_classes(a["labels"], a["num_classes"], a["ignore_index"])
+        sums, weight_sums = reference.class_feature_stats(a["features"], a["labels"], C, a["ignore_index"], a["weights"])
+        return pad_rows(sums, a["num_classes"]), pad_rows(weight_sums, a["num_classes"])
+
+    def keep_kind(self, kind):
+        subject, _, what = kind.name.partition(": ")
+        return (kind.name.startswith("weights") or kind.name == "valid input" or kind.name.startswith("every tensor on meta")
+                or kind.name in self.zero_kinds_names() or (subject == "features" and what in self.FEATURE_KINDS)
+                or (subject == "labels" and what.startswith("value") and (not kind.checks or "ignore_index" in what)))
+
+    def scalar_kinds(self):
+        return []
+
+    def extra_kinds(self):
+        def one_negative(a, p):
+            w = a["weights"].clone()
+            w.reshape(-1)[p["seed"] % max(w.numel(), 1):][:1] = -0.5
+            return w
+
+        return [Kind("weights: one negative", "raise", ("weights",), apply=set_arg("weights", one_negative)),
+                Kind("weights: one negative, checks off", "shapes", ("weights",), checks=False,
+                     apply=set_arg("weights", one_negative)),
+                Kind("weights shape of features", "raise", ("weights",), {"rows": False},
+                     set_arg("weights", lambda a, p: torch.ones(p["B"], p["K"], p["h"], p["w"]))),
+                Kind("weights shape (N+1,)", "raise", ("weights",), {"rows": True},
+                     set_arg("weights", lambda a, p: torch.ones(p["N"] + 1))),
+                Kind("weights=list", "raise", ("weights",), {"rows": True},
+                     set_arg("weights", lambda a, p: [1.0] * p["N"])),
+                Kind("weights all 0", "match", ("weights",), {"zeros": 1.0}),
+                Kind("weights requiring grad", "match", ("weights",),
+                     apply=set_arg("weights", lambda a, p: a["weights"].clone().requires_grad_()))]
+
+
+class DistancesSpec(FeatureSpecBase):
+    """prototype_distances: (B, K, h, w) maps or (N, K) rows against (C, K) prototypes, both
+    metrics; no backend (a GEMM and norms), so the layouts, dtypes and errors are at stake (the
+    oracle sees contiguous inputs). With zero vectors or a prototype equal to a feature the
+    values must be finite: the oracle fails on non-finite values from finite inputs (a NaN
+    would otherwise match a NaN); the gradients' finiteness is tests/test_prototype_distances.py's."""
+
+    name = "prototype_distances"
+    tensors = ("features", "prototypes")
+    floats = ("features", "prototypes")
+    diff = ("features", "prototypes")
+    outputs = ("float",)
+    partners = {"features": ("prototypes",), "prototypes": ("features",)}
+    backends = False
+
+    def params(self, draw, ov, small):
+        return dict(self.feature_params(draw, ov, small), metric=pick(draw, ov, "metric", st.sampled_from(["l2", "cosine"])))
+
+    def build(self, p):
+        g = gen(p["seed"])
+        features = self.feature_tensors(p, g)[0]  # its labels are not an argument
+        return dict(features=features, prototypes=torch.randn(p["C"], p["K"], generator=g) * p["scale"], metric=p["metric"])
+
+    def classes(self, a):
+        return None
+
+    def call(self, a, backend):
+        return lsr_fast.prototype_distances(a["features"], a["prototypes"], metric=a["metric"])
+
+    def oracle(self, a):
+        f, protos = a["features"], a["prototypes"]
+        out = reference.prototype_distances(f, protos, a["metric"])
+        if all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and bool(torch.isfinite(t).all()) for t in (f, protos)):
+            # Finite inputs (zero vectors, coinciding vectors too): finite values, or the case fails
+            # ("the reference raised"); a NaN would otherwise match a NaN.
+            assert bool(torch.isfinite(out).all()), f"non-finite {a['metric']} values from finite inputs"
+        return (out,)
+
+    def scalar_kinds(self):
+        return [Kind(f"metric={v!r}", "raise", ("metric",), apply=set_arg("metric", v)) for v in ("L2", "euclidean", "", None, 2)]
+
+    def zero_kinds(self):
+        return self.feature_zero_kinds(("features",)) + [Kind("C=0 (no prototypes)", "either", ("prototypes",), {"C": 0})]
+
+    def extra_kinds(self):
+        def zero_vector(m, p, spec):
+            f = m.a["features"].clone()
+            if f.numel():
+                (f[0] if p["rows"] else f[0, :, 0, 0]).zero_()
+            m.a["features"] = f
+
+        def coincide(m, p, spec):
+            f, protos = m.a["features"], m.a["prototypes"].clone()
+            if f.numel() and protos.numel():
+                protos[0] = f[0] if p["rows"] else f[0, :, 0, 0]
+            m.a["prototypes"] = protos
+
+        return [Kind("prototypes width K+1", "raise", ("prototypes",), {},
+                     set_arg("prototypes", lambda a, p: torch.zeros(p["C"], p["K"] + 1))),
+                Kind("prototypes 1-d (K,)", "raise", ("prototypes",), {}, set_arg("prototypes", lambda a, p: torch.zeros(p["K"]))),
+                Kind("features: a zero vector", "match", ("features",), {"K": st.integers(1, 4)}, zero_vector),
+                Kind("prototypes: a zero row", "match", ("prototypes",), {"C": st.integers(1, 4)},
+                     set_arg("prototypes", lambda a, p: torch.cat([torch.zeros(1, p["K"]), a["prototypes"][1:]]))),
+                Kind("a prototype equal to a feature", "match", ("prototypes",), {"C": st.integers(1, 4), "K": st.integers(1, 4)},
+                     coincide)]
+
+
 class ClusteringSpec(FeatureSpecBase):
     name = "clustering_loss"
     tensors = ("features", "labels", "prototypes", "valid")

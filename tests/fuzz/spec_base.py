@@ -81,6 +81,11 @@ class Spec:
     def extra_kinds(self) -> List[Kind]:
         return []
 
+    def keep_kind(self, kind: Kind) -> bool:
+        """Whether ``kinds()`` keeps a generated kind (a spec of a variant of an op fuzzed
+        elsewhere keeps only the kinds its variant decides)."""
+        return True
+
 
 def as_tuple(out):
     if isinstance(out, (tuple, list)):
