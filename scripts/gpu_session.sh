@@ -3,8 +3,8 @@
 # (10 minutes a call, 30 minutes a session; see benchmarks/README.md, "On a lent GPU"):
 #
 #   bash scripts/gpu_session.sh build           # build the CUDA extension in place; print the backends
-#   bash scripts/gpu_session.sh test [ARGS]     # the whole test suite on the GPU (ARGS go to pytest)
-#   bash scripts/gpu_session.sh sanitize        # compute-sanitizer memcheck + racecheck on the CUDA ops
+#   bash scripts/gpu_session.sh test [ARGS]     # the paper-shape GPU tests, then the whole suite (ARGS go to pytest)
+#   bash scripts/gpu_session.sh sanitize [ARGS] # compute-sanitizer memcheck + racecheck on the CUDA ops
 #   bash scripts/gpu_session.sh bench PART      # one part of the benchmark: losses, ops or step
 #
 # Every stage builds first unless a build of the same csrc/ and setup.py is there (a fresh
@@ -84,19 +84,28 @@ case "$stage" in
     if "$PY" -c "import xdist" 2>/dev/null; then workers=(-n 8); fi
     set -o pipefail
     # Every backend must be usable on the GPU machine; the suite refuses to start otherwise.
-    LSR_FAST_REQUIRE_BACKENDS=${LSR_FAST_REQUIRE_BACKENDS-cpp,cuda,triton} \
-      "$PY" -m pytest tests -q -p no:cacheprovider "${workers[@]}" --maxfail=50 --junitxml="$OUT/junit.xml" "$@" 2>&1 |
-      tee "$OUT/pytest.log"
+    export LSR_FAST_REQUIRE_BACKENDS=${LSR_FAST_REQUIRE_BACKENDS-cpp,cuda,triton}
+    # First the paper-shape GPU tests, in one process (their CPU float64 references are cached
+    # and shared between cases); the rest of the suite runs even if they fail.
+    paper=0
+    "$PY" -m pytest tests/test_gpu_paper_shape.py tests/test_gpu_paper_shape_step.py -q -p no:cacheprovider --maxfail=50 --durations=20 \
+      --junitxml="$OUT/junit-paper-shape.xml" "$@" 2>&1 | tee "$OUT/pytest-paper-shape.log" || paper=$?
+    [ "$paper" != 5 ] || paper=0  # 5: ARGS selected none of them
+    "$PY" -m pytest tests -q -p no:cacheprovider "${workers[@]}" --ignore=tests/test_gpu_paper_shape.py --ignore=tests/test_gpu_paper_shape_step.py --maxfail=50 \
+      --junitxml="$OUT/junit.xml" "$@" 2>&1 | tee "$OUT/pytest.log"
+    exit "$paper"
     ;;
   sanitize)
     build
-    # Small inputs, CUDA backend only: memcheck (out-of-bounds and misaligned accesses) and
-    # racecheck (shared-memory hazards) over every CUDA op's tests.
-    tests=(tests/test_hist_downsample.py tests/test_class_feature_stats.py tests/test_feature_losses.py tests/test_maxsquare.py)
+    # CUDA backend only: memcheck (out-of-bounds and misaligned accesses) and racecheck
+    # (shared-memory hazards) over every CUDA op's tests, small inputs and the paper's shape
+    # (ARGS go to pytest: a later -k narrows the selection, e.g. -k "cuda-cuda and det-off").
+    tests=(tests/test_gpu_paper_shape.py tests/test_gpu_paper_shape_step.py tests/test_hist_downsample.py tests/test_class_feature_stats.py
+           tests/test_feature_losses.py tests/test_maxsquare.py)
     for tool in memcheck racecheck; do
       say "compute-sanitizer --tool $tool"
       compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
-        "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider -x -k "cuda-cuda" 2>&1 |
+        "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider -x -k "cuda-cuda" "$@" 2>&1 |
         tee "$OUT/sanitize-$tool.log" | tail -n 25 || say "$tool: errors (see sanitize-$tool.log)"
     done
     ;;
