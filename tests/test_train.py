@@ -606,3 +606,7 @@ def test_experiment_runs_three_trainings_and_one_table(tmp_path, capsys):
     changed["optim"]["lr"] = 0.02
     with pytest.raises(ConfigError, match=r"stage target_only .* another config .*optim.lr"):
         run_experiment(changed, analyze=False)
+    longer = copy.deepcopy(config)
+    longer["optim"]["poly_steps"] = 9  # the same steps, another schedule
+    with pytest.raises(ConfigError, match=r"stage target_only .* another config .*optim.poly_steps: 2 -> 9"):
+        run_experiment(longer, analyze=False)

@@ -213,11 +213,15 @@ def _finished(config: Dict[str, Any]) -> bool:
         from .checkpoint import load_checkpoint
         from .config import build_config
 
-        saved = _flatten(build_config(load_checkpoint(last)["config"], source=last))
-        changed = [k for k, v in _flatten(config).items() if k not in RESUME_FREE_KEYS and saved.get(k) != v]
+        saved_config = build_config(load_checkpoint(last)["config"], source=last)
+        saved, now = _flatten(saved_config), _flatten(config)
+        changed = [k for k, v in now.items() if k not in RESUME_FREE_KEYS and saved.get(k) != v]
+        if poly_steps(saved_config) != poly_steps(config):
+            changed.append("optim.poly_steps")
+            saved["optim.poly_steps"], now["optim.poly_steps"] = poly_steps(saved_config), poly_steps(config)
         if changed:
             raise ConfigError(f"stage {config['name']} in {config['out_dir']} was finished with another config (differs in "
-                              + ", ".join(f"{k}: {saved.get(k)!r} -> {_flatten(config)[k]!r}" for k in changed[:6])
+                              + ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:6])
                               + "); choose another out_dir (nothing is overwritten)")
     return True
 
