@@ -33,9 +33,9 @@ from .._atomic import atomic_write_text
 from ..eval.evaluate import PROTOCOL_TITLES, PROTOCOLS, evaluate, markdown_table, per_class_iou, report
 from .build import build_eval_dataset
 from .checkpoint import load_for_inference
-from .config import (SCHEMA, ConfigError, _merge, _nest, check_paths, check_protocol, parse_override, poly_steps,
+from .config import (SCHEMA, ConfigError, _list_names, _merge, _nest, check_paths, check_protocol, parse_override, poly_steps,
                      read_yaml, validate)
-from .trainer import RESUME_FREE_KEYS, _flatten, train
+from .trainer import config_changes, train
 
 RUNS = ("target_only", "source_only", "lsr", "source_only_continued")
 ANALYSIS_DONE = "COMPLETE"  # written last into the analysis folder
@@ -106,8 +106,8 @@ def check_stages(base: Dict[str, Any], configs: Dict[str, Dict[str, Any]], *, da
 
     for run, config in configs.items():
         derived = _derived_init(config, base)
-        check_paths({**config, "init": None} if derived else config)
-        check_protocol({**config, "init": config["init"] or ("(from source_only)" if derived else None)}, f"the {run} stage")
+        check_paths({**config, "init": None} if derived else config)  # the init file comes from stage 1
+        check_protocol(config, f"the {run} stage")
         if datasets:
             check_datasets(config, f"the {run} stage")
 
@@ -116,15 +116,11 @@ def check_stages(base: Dict[str, Any], configs: Dict[str, Dict[str, Any]], *, da
 def _count_images(spec: Dict[str, Any]) -> Optional[int]:
     """Images of a dataset entry from its lists alone (no image is read); None when only the
     folder knows."""
-    from ..data.datasets import read_split_list
-
     if spec["name"] == "synthetic":
         count = spec["num_images"]
     elif spec["split_list"] is not None and os.path.isfile(spec["split_list"]):
-        names = set(read_split_list(spec["split_list"]))
-        if spec["exclude_list"] is not None and os.path.isfile(spec["exclude_list"]):
-            names -= set(read_split_list(spec["exclude_list"]))
-        count = len(names)
+        excluded = spec["exclude_list"] if spec["exclude_list"] is not None and os.path.isfile(spec["exclude_list"]) else None
+        count = len(_list_names(spec["split_list"]) - (_list_names(excluded) or set()))
     else:
         return None
     return count if spec["max_images"] is None else min(count, spec["max_images"])
@@ -169,8 +165,7 @@ def plan(base: Dict[str, Any], source_overrides: Sequence[str] = ()) -> Dict[str
     (no file or folder is required to exist, no image is read)."""
     configs = stage_configs(base, source_overrides)
     for run, config in configs.items():
-        derived = _derived_init(config, base)
-        check_protocol({**config, "init": config["init"] or ("(from source_only)" if derived else None)}, f"the {run} stage")
+        check_protocol(config, f"the {run} stage")
     test = _test_spec(base)
     return {
         "stages": [_plan_stage(run, config, base) for run, config in configs.items()],
@@ -213,15 +208,10 @@ def _finished(config: Dict[str, Any]) -> bool:
         from .checkpoint import load_checkpoint
         from .config import build_config
 
-        saved_config = build_config(load_checkpoint(last)["config"], source=last)
-        saved, now = _flatten(saved_config), _flatten(config)
-        changed = [k for k, v in now.items() if k not in RESUME_FREE_KEYS and saved.get(k) != v]
-        if poly_steps(saved_config) != poly_steps(config):
-            changed.append("optim.poly_steps")
-            saved["optim.poly_steps"], now["optim.poly_steps"] = poly_steps(saved_config), poly_steps(config)
+        changed = config_changes(build_config(load_checkpoint(last)["config"], source=last), config)
         if changed:
             raise ConfigError(f"stage {config['name']} in {config['out_dir']} was finished with another config (differs in "
-                              + ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:6])
+                              + ", ".join(f"{k}: {was!r} -> {now!r}" for k, was, now in changed[:6])
                               + "); choose another out_dir (nothing is overwritten)")
     return True
 

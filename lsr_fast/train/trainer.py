@@ -79,6 +79,16 @@ def versions() -> Dict[str, str]:
     return info
 
 
+def config_changes(saved: Dict[str, Any], config: Dict[str, Any]) -> list:
+    """(key, saved value, value now) for every key in which ``config`` would not continue the
+    run ``saved`` describes: all but RESUME_FREE_KEYS, and the poly horizon as resolved."""
+    was, now = _flatten(saved), _flatten(config)
+    changed = [(k, was.get(k), v) for k, v in now.items() if k not in RESUME_FREE_KEYS and was.get(k) != v]
+    if poly_steps(saved) != poly_steps(config):
+        changed.append(("optim.poly_steps", poly_steps(saved), poly_steps(config)))
+    return changed
+
+
 def _flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     flat = {}
     for key, value in config.items():
@@ -150,15 +160,10 @@ class Trainer:
 
         checkpoint = load_checkpoint(self.resume_path) if self.resume_path else None
         if checkpoint is not None:
-            saved = _flatten(build_config(checkpoint["config"], source=self.resume_path))
-            now = _flatten(c)
-            changed = [k for k, v in now.items() if k not in RESUME_FREE_KEYS and saved.get(k) != v]
-            saved_horizon = poly_steps(build_config(checkpoint["config"], source=self.resume_path))
-            if saved_horizon != poly_steps(c):
-                changed.append(f"the poly horizon optim.poly_steps ({saved_horizon} -> {poly_steps(c)})")
+            changed = config_changes(build_config(checkpoint["config"], source=self.resume_path), c)
             if changed:
                 raise ConfigError(f"cannot resume from {self.resume_path}: the config differs in "
-                                  + ", ".join(k if k not in now else f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in changed))
+                                  + ", ".join(f"{k} ({was!r} -> {now!r})" for k, was, now in changed))
 
         self.model = build_model(c)
         if c["model"]["pretrained"] and checkpoint is None:
