@@ -8,6 +8,8 @@
 from . import reference
 from .ops import (
     BACKENDS,
+    DeferredChecks,
+    ValueCheckError,
     available_backends,
     class_feature_stats,
     clustering_loss,
@@ -29,6 +31,8 @@ __all__ = [
     "available_backends",
     "set_value_checks",
     "value_checks",
+    "DeferredChecks",
+    "ValueCheckError",
     "hist_downsample",
     "pseudo_label_downsample",
     "class_feature_stats",

@@ -103,8 +103,7 @@ class PrototypeBank(nn.Module):
         check.finite("sums", sums)
         if check.value_checks_enabled() and counts.numel():
             low, high = counts.double().aminmax()
-            if not bool(torch.isfinite(high) & (low >= 0)):
-                raise ValueError("counts must be finite and >= 0")
+            check.flag("counts", ~(torch.isfinite(high) & (low >= 0)), "counts must be finite and >= 0", check="weights")
         group = self.sync_group()
         if group is not None:
             # One collective; float64 keeps integer counts exact (float32 stops at 2^24).

@@ -262,7 +262,9 @@ def class_feature_stats(
     rows, flat_labels = _as_rows(features, labels)
     index = _class_index(flat_labels, num_classes, ignore_index)
     acc = _accumulate_dtype(features)
-    one_hot = F.one_hot(index, num_classes + 1).to(acc)  # (B, N, C+1)
+    # (B, N, C+1) by scatter: F.one_hot reads the indices' range back to the host on the CPU,
+    # and _class_index has already put every index in [0, C].
+    one_hot = torch.zeros(*index.shape, num_classes + 1, dtype=acc, device=index.device).scatter_(-1, index.unsqueeze(-1), 1)
     if weights is not None:
         one_hot = one_hot * weights.detach().to(acc).reshape(index.shape).unsqueeze(-1)
     sums = torch.einsum("bnc,bkn->ck", one_hot, rows.to(acc))[:num_classes]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
 from typing import Dict, Optional
 
 import torch
@@ -12,6 +10,8 @@ import torch.distributed as dist
 
 from . import ops, reference
 from .bank import DISTRIBUTED, PrototypeBank, all_reduce_sum
+from .ops._checks import value_checks_enabled
+from .ops._deferred import DeferredChecks, ValueCheckError, named_as as _named_as
 
 # Weights published with the authors' code (DESIGN.md): GTA5 -> Cityscapes, SYNTHIA -> Cityscapes.
 # "gta5"/"synthia" pair them with the paper's equations; "*_released" with the loss forms of the
@@ -75,6 +75,16 @@ class LSRRegularizer(PrototypeBank):
     the first) and no host synchronisation. Eval-mode calls never communicate (like
     SyncBatchNorm), so validation may run on one rank; their terms are local.
     ``process_group=dist.new_group()`` keeps these collectives apart from DDP's buckets.
+
+    Value checks (label range, finite features and probabilities; see lsr_fast.set_value_checks)
+    read nothing back in a training-mode call: their verdicts stay on the device in
+    ``self.checks`` (a :class:`lsr_fast.DeferredChecks`, labelled with ``steps``) and are read by
+    :meth:`check_values`, which this module calls every ``check_every`` training calls (0: never
+    on its own) and before its state_dict is taken. A failed check then raises
+    :class:`lsr_fast.ValueCheckError` with the op's message, named with forward's arguments, and
+    the step it first failed at; the steps in between ran with out-of-range labels as void and
+    NaNs propagating. Distributed, every rank reads at the same call and all raise together.
+    Eval-mode calls check at once.
     """
 
     def __init__(
@@ -98,6 +108,7 @@ class LSRRegularizer(PrototypeBank):
         backend: str = "auto",
         distributed: str = "auto",
         process_group: Optional[dist.ProcessGroup] = None,
+        check_every: int = 100,
     ):
         for name, value in (("num_classes", num_classes), ("feature_dim", feature_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -115,6 +126,8 @@ class LSRRegularizer(PrototypeBank):
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every must be an int >= 0, got {check_every!r}")
         if clustering_distance not in ops.DISTANCES:
             raise ValueError(f"clustering_distance must be one of {ops.DISTANCES}, got {clustering_distance!r}")
         if norm_form not in NORM_FORMS:
@@ -134,8 +147,12 @@ class LSRRegularizer(PrototypeBank):
         self.clustering_distance, self.norm_form = clustering_distance, norm_form
         self.register_buffer("mean_source_norm", torch.zeros(()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        # Host copy of `steps > 0`, so forward never reads a device value (no sync).
+        # Host copies of `steps` and `steps > 0`, so forward never reads a device value (no sync).
+        self._host_steps = 0
         self._norm_initialised = False
+        self.check_every = check_every
+        self.checks = DeferredChecks()
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.checks.raise_if_failed())
 
     @classmethod
     def from_preset(cls, name: str, feature_dim: int = 2048, **overrides) -> "LSRRegularizer":
@@ -149,7 +166,8 @@ class LSRRegularizer(PrototypeBank):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "steps" in state_dict:
-            self._norm_initialised = bool(state_dict[prefix + "steps"] > 0)
+            self._host_steps = int(state_dict[prefix + "steps"])
+            self._norm_initialised = self._host_steps > 0
 
     def _sync_group(self):
         """The process group this call all-reduces over, or None: eval-mode calls stay local."""
@@ -208,6 +226,27 @@ class LSRRegularizer(PrototypeBank):
         """Source features (B, K, h, w) with labels (B, H, W) or (B, h, w); target features
         (B', K, h', w') with softmax probabilities (B', C, H', W') or (B', C, h', w')."""
         self._check_inputs(source_features, source_labels, target_features, target_probs)
+        if not (self.training and value_checks_enabled()):
+            return self._terms(source_features, source_labels, target_features, target_probs)
+        self.checks.step = self._host_steps
+        with self.checks:
+            terms = self._terms(source_features, source_labels, target_features, target_probs)
+        if self.check_every and self._host_steps % self.check_every == 0:
+            self.check_values()
+        return terms
+
+    def check_values(self) -> None:
+        """Read the deferred value checks (one copy; distributed, a collective first, so every
+        rank raises) and raise :class:`lsr_fast.ValueCheckError` if one failed."""
+        group = self.sync_group()
+        if group is not None:
+            failed = all_reduce_sum([self.checks.failed_count(self.prototypes.device)], group)[0]
+            if int(failed) and not self.checks.errors():
+                raise ValueCheckError("a value check of LSRRegularizer failed on another rank (its error names it)",
+                                      check="other rank", argument="", step=None)
+        self.checks.raise_if_failed()
+
+    def _terms(self, source_features, source_labels, target_features, target_probs) -> Dict[str, torch.Tensor]:
         with _named_as(labels="source_labels"):
             source_labels = self._labels_at(source_labels, source_features.shape[2:])
         with _named_as(probs="target_probs"):
@@ -293,6 +332,7 @@ class LSRRegularizer(PrototypeBank):
         self._blend(sums, counts)  # sums and counts are all ranks' already (forward reduced them)
         self.mean_source_norm.copy_(source_mean_norm)
         self.steps.add_(1)
+        self._host_steps += 1
         self._norm_initialised = True
 
     def extra_repr(self) -> str:
@@ -302,21 +342,6 @@ class LSRRegularizer(PrototypeBank):
             f"alpha={self.alpha}, momentum={self.momentum}, norm_delta={self.norm_delta}, "
             f"clustering_distance={self.clustering_distance!r}, norm_form={self.norm_form!r}, backend={self.backend!r}"
         )
-
-
-@contextlib.contextmanager
-def _named_as(**names):
-    """An op's TypeError/ValueError raised again with forward's argument names in its message
-    ("labels contains the value 7" -> "source_labels contains the value 7"): the ops name their
-    own arguments, which are ambiguous between the two domains. Value checks run on device
-    tensors, so naming them here costs nothing; checking again up front would cost a sync."""
-    try:
-        yield
-    except (TypeError, ValueError) as error:
-        message = str(error)
-        for inner, outer in names.items():
-            message = re.sub(rf"\b{inner}\b", outer, message)
-        raise type(error)(message) from error
 
 
 def _is_number(value) -> bool:

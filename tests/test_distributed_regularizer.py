@@ -170,6 +170,26 @@ def bank_steps(rank=None):
     return records
 
 
+def deferred_check_on_one_rank(rank):
+    """Rank 1 feeds a label outside [0, C) at call 1; check_every=3 reads at call 2 on both
+    ranks. Returns the message each rank raised (both must raise, or the other would hang)."""
+    reg = make_regularizer("reference", "auto")
+    reg.check_every = 3
+    for step in range(3):
+        source, labels, target = global_batch(step)
+        source, labels, target = share(source, SOURCE_SPLIT, rank), share(labels, SOURCE_SPLIT, rank), share(target, TARGET_SPLIT, rank)
+        if rank == 1 and step == 1:
+            labels = labels.clone()
+            labels[0, 0, 0] = C + 4
+        probs = torch.softmax(torch.randn(target.shape[0], C, 8, 8), 1)
+        features = torch.randn(source.shape[0], K, 4, 4), torch.randn(target.shape[0], K, 4, 4)
+        try:
+            reg(features[0], labels[:, :8, :8], features[1], probs)
+        except lsr_fast.ValueCheckError as error:
+            return f"call {step}: {error}"
+    return None
+
+
 def worker(rank, init_file, out_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
@@ -178,6 +198,7 @@ def worker(rank, init_file, out_file):
         reg, results[backend] = run_steps(backend, rank, *SETTINGS[backend])
     results["eval"] = eval_is_local(reg, rank)
     results["bank"] = bank_steps(rank)
+    results["deferred"] = deferred_check_on_one_rank(rank)
     torch.save(results, out_file)
     dist.destroy_process_group()
 
@@ -283,6 +304,12 @@ def test_prototype_bank_equals_one_process_on_every_rank(ranks):
                 assert torch.equal(got_seen, seen), f"step {step} bank {i} rank {r}: seen"
                 close(got_prototypes, prototypes, f"step {step} bank {i} rank {r}: prototypes")
             assert torch.equal(ranks[0]["bank"][step][i][0], ranks[1]["bank"][step][i][0])
+
+
+def test_a_deferred_check_failing_on_one_rank_raises_on_every_rank(ranks):
+    assert ranks[1]["deferred"] == (f"call 2: source_labels contains the value {C + 4}, which is neither a class in "
+                                    f"[0, {C}) nor ignore_index={V} (first failed at step 1)")
+    assert ranks[0]["deferred"] == "call 2: a value check of LSRRegularizer failed on another rank (its error names it)"
 
 
 def test_distributed_argument():

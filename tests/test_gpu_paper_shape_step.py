@@ -190,18 +190,18 @@ def graph_batches(steps):
 
 def lsr_step(model, regularizer, optimizer, images, labels, target_images):
     """Forward, CE + the LSR terms, backward and the SGD step, with no host read: the value
-    checks are off (they read tensors back). Returns the loss values, on the device."""
-    with lsr_fast.value_checks(False):
-        logits, features = model(images)
-        ce = F.cross_entropy(F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False),
-                             labels, ignore_index=V)
-        target_logits, target_features = model(target_images)
-        target_probs = torch.softmax(F.interpolate(target_logits, size=target_images.shape[-2:], mode="bilinear",
-                                                   align_corners=False), 1)
-        terms = regularizer(features, labels, target_features, target_probs)
-        loss = ce + terms["total"]
-        loss.backward()
-        optimizer.step()
+    checks are on (the default) and keep their verdicts on the device (check_every=0, read by
+    the test after the steps). Returns the loss values, on the device."""
+    logits, features = model(images)
+    ce = F.cross_entropy(F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False),
+                         labels, ignore_index=V)
+    target_logits, target_features = model(target_images)
+    target_probs = torch.softmax(F.interpolate(target_logits, size=target_images.shape[-2:], mode="bilinear",
+                                               align_corners=False), 1)
+    terms = regularizer(features, labels, target_features, target_probs)
+    loss = ce + terms["total"]
+    loss.backward()
+    optimizer.step()
     return torch.stack([loss.detach(), ce.detach()] + [terms[name].detach() for name in SCALAR_TERMS])
 
 
@@ -209,7 +209,8 @@ def graph_setup(preset, backend, device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = DeepLabV2(19, "resnet18", width=16)
-    regularizer = lsr_fast.LSRRegularizer.from_preset(preset, feature_dim=model.feature_dim, backend=backend)
+    regularizer = lsr_fast.LSRRegularizer.from_preset(preset, feature_dim=model.feature_dim, backend=backend,
+                                                      check_every=0)
     model, regularizer = model.to(device).train(), regularizer.to(device).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     return model, regularizer, optimizer
@@ -285,6 +286,9 @@ def test_training_step_cuda_graph(preset, backend):
 
 
 def compare_graph_run(eager, graphed, eager_out, graph_out):
+    for regularizer in (eager[1], graphed[1]):  # the deferred value checks ran and all passed
+        assert regularizer.checks.errors() == [] and regularizer.checks.failed_count(DEVICE).item() == 0
+        assert len(regularizer.checks._verdicts) >= 4, "the value checks did not run"
     names = ["loss", "ce", *SCALAR_TERMS]
     for step, (got, want) in enumerate(zip(graph_out, eager_out)):
         for name, g, w in zip(names, got, want):

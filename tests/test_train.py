@@ -430,6 +430,24 @@ def test_nan_in_the_lsr_forward_with_the_guard_off_is_a_clear_error(tmp_path, mo
     assert isinstance(caught.value.__cause__, ValueError)  # the op's own message is kept as the cause
 
 
+def test_with_the_guard_off_a_failed_check_is_read_before_the_next_checkpoint(tmp_path, monkeypatch):
+    """The value checks read nothing inside a step: a NaN at step 2 is reported when the next
+    checkpoint is due, naming step 2, and the last checkpoint written is the one before it."""
+    from lsr_fast.train import trainer as trainer_module
+
+    config = tiny_config(tmp_path, "train.max_nonfinite=0", "train.steps=6", "train.checkpoint_every=2",
+                         "train.log_every=100", "train.val_every=0")
+    poison_forward(monkeypatch, "target_features", bad_calls=(3,))
+    with pytest.raises(trainer_module.NonFiniteLossError,
+                       match=r"^step 2: non-finite values \(NaN or inf\) in the target features \(target_features "
+                             r"contains non-finite values \(NaN or inf\) \(first failed at step 2\)\).*"
+                             r"last good checkpoint: .*last\.pt \(step 2\)$"):
+        train(config)
+    last = load_checkpoint(os.path.join(config["out_dir"], "last.pt"))
+    assert last["step"] == 2  # written after steps 0 and 1; the one due after step 3 was refused
+    assert torch.isfinite(last["regularizer"]["prototypes"]).all()
+
+
 def test_a_skipped_step_leaves_batchnorm_and_regulariser_state_as_it_was(tmp_path, monkeypatch):
     from lsr_fast.train.trainer import Trainer
 

@@ -41,7 +41,8 @@ def render_markdown(report: dict) -> str:
         (f"- Timing: median of at least {meta['timing']['rounds']} timed calls (more until ~{meta['timing']['min_time']} s) after "
          f"{meta['timing']['warmup']} warm-up call(s), one run; ")
         + ("CUDA events around each call, L2 flushed before it. " if gpu else "time.perf_counter around each call. ")
-        + f"Value checks {'on' if meta['value_checks'] else 'off'} (as in a captured training step). Batch 1.",
+        + ("Value checks on (read at once by the ops, deferred by LSRRegularizer). " if meta["value_checks"]
+           else "Value checks off. ") + "Batch 1.",
         "- Peak memory: " + ("torch.cuda.max_memory_allocated above what was allocated before the call."
                              if gpu else "torch allocations live during one call (torch.profiler memory events; "
                              "kernels' std::vector scratch not included)."),

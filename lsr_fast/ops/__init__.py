@@ -14,6 +14,7 @@ import torch
 from . import _checks as check
 from ._backends import BACKENDS, available_backends, resolve
 from ._checks import DISTANCES, set_value_checks, value_checks
+from ._deferred import DeferredChecks, ValueCheckError
 from ._derived import weighted_class_feature_stats
 from ..reference import PROTOTYPE_METRICS
 
@@ -22,6 +23,8 @@ __all__ = [
     "available_backends",
     "set_value_checks",
     "value_checks",
+    "DeferredChecks",
+    "ValueCheckError",
     "hist_downsample",
     "pseudo_label_downsample",
     "class_feature_stats",

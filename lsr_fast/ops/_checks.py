@@ -2,8 +2,10 @@
 
 Each check raises TypeError (wrong kind of thing) or ValueError (wrong shape or value) with a
 message that names the argument and says what was expected. Checks that look at tensor values
-(label range, finiteness) synchronise with the device; they can be switched off for a captured
-training step with ``lsr_fast.ops.set_value_checks(False)``.
+(label range, finiteness, signs of weights) read them back, a synchronisation on a GPU, unless a
+:class:`DeferredChecks` is active (``with checks:``): then each keeps its verdict on the device
+for ``checks`` to read later (_deferred.py). ``lsr_fast.ops.set_value_checks(False)`` turns them
+off altogether.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+
+from ._deferred import active as _deferred
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # What every kernel reads (uint16/32/64 lack most torch ops on the CPU, e.g. aminmax).
@@ -116,33 +120,51 @@ def label_values(name: str, labels: torch.Tensor, num_classes: int, ignore_index
     """Every value is in [0, num_classes) or equals ignore_index; names the first bad value."""
     if not _value_checks or labels.numel() == 0:
         return
+    message = f"{name} contains the value {{value}}, which is neither a class in [0, {num_classes}) nor ignore_index={ignore_index}"
+    deferred = _deferred()
+    if deferred is not None:
+        low, high = _non_void_range(labels, ignore_index)
+        bad = (low < 0) | (high >= num_classes)
+        if num_classes < 1:  # no class at all: any non-void label fails
+            bad = (labels != ignore_index).any()
+        # When bad, a real non-void label: the fill 0 is never below low, nor above a high >= 1.
+        deferred.record("labels", name, message, bad, torch.where(low < 0, low, high))
+        return
     low, high = (int(v) for v in labels.aminmax())
     if 0 <= low and high < num_classes:
         return  # one cheap pass decides the common case
-    if not _has_bad_value(labels, num_classes, ignore_index):
+    low, high = (int(v) for v in _non_void_range(labels, ignore_index))
+    if num_classes >= 1 and low >= 0 and high < num_classes:
         return  # the values outside [0, C) are all ignore_index
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if bool(bad.any()):
-        value = labels[bad].reshape(-1)[0].item()
-        raise ValueError(
-            f"{name} contains the value {value}, which is neither a class in [0, {num_classes}) "
-            f"nor ignore_index={ignore_index}"
-        )
+        raise ValueError(message.format(value=labels[bad].reshape(-1)[0].item()))
 
 
-def _has_bad_value(labels: torch.Tensor, num_classes: int, ignore_index: int) -> bool:
-    """Exact test, once void is set aside: are the non-void labels inside [0, num_classes)?"""
-    low, high = (int(v) for v in torch.where(labels == ignore_index, 0, labels).aminmax())
-    return low < 0 or high >= num_classes
+def _non_void_range(labels: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) as int64 device scalars of the labels with void set to 0: with num_classes
+    >= 1 (0 is a class), the exact test of the non-void labels against [0, num_classes)."""
+    low, high = torch.where(labels == ignore_index, 0, labels).aminmax()
+    return low.long(), high.long()
+
+
+def flag(name: str, bad: torch.Tensor, message: str, check: str = "finite",
+         value: Optional[torch.Tensor] = None) -> None:
+    """Raise ``message`` (``{value}`` in it: ``value``) if the 0-dim device flag ``bad`` is set,
+    which reads it back; inside ``with DeferredChecks():`` record it there instead."""
+    deferred = _deferred()
+    if deferred is not None:
+        deferred.record(check, name, message, bad, value)
+    elif bool(bad):
+        raise ValueError(message.format(value=None if value is None else value.item()))
 
 
 def finite(name: str, value: torch.Tensor) -> None:
     # min and max propagate NaN and reach +-inf, so both are finite iff every value is; one
     # reduction, about 10x cheaper than materialising isfinite(value).
     if _value_checks and value.numel():
-        low, high = value.aminmax()
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
-            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        low, high = value.detach().aminmax()
+        flag(name, ~(torch.isfinite(low) & torch.isfinite(high)), f"{name} contains non-finite values (NaN or inf)")
 
 
 def features_and_labels(features, labels, features_name="features", labels_name="labels") -> None:
@@ -178,8 +200,9 @@ def class_weights(value: Optional[torch.Tensor], num_classes: int) -> Optional[t
     float_tensor("class_weights", value)
     if tuple(value.shape) != (num_classes,):
         raise ValueError(f"class_weights must have shape ({num_classes},), got {tuple(value.shape)}")
-    if _value_checks and not bool((torch.isfinite(value) & (value >= 0)).all()):
-        raise ValueError("class_weights must be finite and >= 0")
+    if _value_checks:
+        flag("class_weights", ~(torch.isfinite(value) & (value >= 0)).all(), "class_weights must be finite and >= 0",
+             check="weights")
     return value
 
 
@@ -194,9 +217,9 @@ def vector_weights(value: Optional[torch.Tensor], labels: torch.Tensor) -> Optio
     if value.device != labels.device:
         raise ValueError(f"weights is on {value.device} but labels is on {labels.device}")
     if _value_checks and value.numel():
-        low, high = value.detach().aminmax()
-        if not bool(torch.isfinite(high) & (low >= 0)):  # NaN fails both; -inf fails low >= 0
-            raise ValueError("weights must be finite and >= 0 (got a negative, NaN or infinite weight)")
+        low, high = value.detach().aminmax()  # NaN fails both tests; -inf fails low >= 0
+        flag("weights", ~(torch.isfinite(high) & (low >= 0)),
+             "weights must be finite and >= 0 (got a negative, NaN or infinite weight)", check="weights")
     return value.detach()
 
 
@@ -223,8 +246,9 @@ def relative_to(value) -> Union[None, float, torch.Tensor]:
         return None
     value = reference_value(value, "relative_to")
     if isinstance(value, torch.Tensor):
-        if _value_checks and value.numel() and not bool(value > 0):
-            raise ValueError(f"relative_to must be > 0, got {value.item()}")
+        if _value_checks and value.numel():
+            flag("relative_to", ~(value.detach() > 0), "relative_to must be > 0, got {value}", check="positive",
+                 value=value.detach())
         return value.detach()
     if value <= 0:
         raise ValueError(f"relative_to must be > 0, got {value}")

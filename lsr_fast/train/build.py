@@ -19,7 +19,9 @@ def build_model(config: Dict[str, Any]) -> torch.nn.Module:
 
 def build_regularizer(config: Dict[str, Any], feature_dim: int) -> LSRRegularizer:
     lsr = {k: v for k, v in config["lsr"].items() if k != "preset"}
-    return LSRRegularizer(config["data"]["num_classes"], feature_dim, backend=config["backend"], **lsr)
+    # check_every=0: the trainer reads the deferred value checks itself, at its log steps and
+    # before every checkpoint, where it synchronises anyway.
+    return LSRRegularizer(config["data"]["num_classes"], feature_dim, backend=config["backend"], check_every=0, **lsr)
 
 
 class _SynthiaSubsetLabels(torch.utils.data.Dataset):

@@ -5,12 +5,15 @@ call), CE on the upsampled source logits, ``LSRRegularizer`` on the layer4 featu
 downsampling, pseudo-labels, the fused clustering/perpendicularity/norm pass and MaxSquare on the
 compiled kernels), one backward, one SGD step. Loss values stay on the device and are read every
 ``train.log_every`` steps; the only per-step host read is the non-finite guard
-(``train.max_nonfinite: 0`` turns it off).
+(``train.max_nonfinite: 0`` turns it off). The regulariser's value checks keep their verdicts on
+the device; the trainer reads them at its log steps and before every checkpoint (so no
+checkpoint holds a state that a failed check touched), and a failure stops the run naming the
+step it happened at.
 
 The non-finite guard (``train.max_nonfinite`` > 0) runs the LSR forward with the ops' value
 checks off (``lsr_fast.value_checks(False)``): a NaN or inf in a feature map or in the target
 probabilities then raises in no op (which would end one rank while the others wait in a
-collective) but reaches the guard. Its one host read, decided the same on every rank, asks
+collective) but reaches the guard. Its one host read per step, decided the same on every rank, asks
 whether these are finite: the loss; the source and target mean feature norms (sums over every
 vector, so any bad feature shows, where the target hinge max(0, r - ||f||) would hide an inf);
 the target probabilities' min and max (with ``lambda_entropy`` 0 they reach the loss only
@@ -18,8 +21,8 @@ through integer pseudo-labels). A non-finite step is skipped: no backward, and t
 the forward changed (the regulariser's prototypes, seen mask, f-bar_s and step count; trainable
 BatchNorm statistics) are put back, so a bad batch leaves no trace. Label values stay checked:
 the cross-entropy rejects the same labels first. With the guard off the value checks stay as
-``lsr_fast.set_value_checks`` left them (on by default) and a non-finite LSR input stops the
-run with ``NonFiniteLossError`` naming the tensor and the step.
+``lsr_fast.set_value_checks`` left them (on by default), deferred as above, and a non-finite LSR
+input stops the run with ``NonFiniteLossError`` naming the tensor and the step.
 
 Resume is exact: the checkpoint holds the model, optimiser, scheduler, grad scaler, regulariser
 buffers, RNG states, step, best/early-stop bookkeeping and config; the images and augmentations
@@ -41,7 +44,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__
-from ..ops import value_checks
+from ..ops import ValueCheckError, value_checks
 from ..eval.evaluate import autocast, evaluate, report
 from . import distributed
 from .build import build_eval_dataset, build_model, build_regularizer, build_train_dataset, check_datasets
@@ -314,26 +317,27 @@ class Trainer:
         target_logits, target_features = target_out
         target_probs = torch.softmax(_upsample(target_logits, target_size, self.config["model"]["align_corners"]), 1)
         if not guard:
-            try:
-                return self.regularizer(features, labels, target_features, target_probs), {}
-            except ValueError as error:
-                self._raise_if_nonfinite_inputs(error, features, target_features, target_probs)
-                raise
+            return self.regularizer(features, labels, target_features, target_probs), {}
         with value_checks(False):
             terms = self.regularizer(features, labels, target_features, target_probs)
         low, high = target_probs.detach().aminmax()  # NaN and +-inf reach min or max
         return terms, {"source features": terms["source_mean_norm"], "target features": terms["target_mean_norm"],
                        "target probabilities": torch.stack([low, high]).float()}
 
-    def _raise_if_nonfinite_inputs(self, error: ValueError, features, target_features, target_probs) -> None:
-        """With the guard off, an op's value check stopped the step: if it was a non-finite input,
-        say so in the trainer's terms (otherwise the caller re-raises the op's own error)."""
-        bad = [name for name, value in (("source features", features), ("target features", target_features),
-                                        ("target probabilities", target_probs))
-               if not bool(torch.isfinite(value.detach()).all())]
-        if bad:
+    def _check_values(self) -> None:
+        """Read the regulariser's deferred value checks (all ranks together); a non-finite input
+        becomes the trainer's NonFiniteLossError, any other failure is raised as it is."""
+        if self.regularizer is None:
+            return
+        try:
+            self.regularizer.check_values()
+        except ValueCheckError as error:
+            if error.check != "finite":
+                raise
+            what = {"source_features": "source features", "target_features": "target features",
+                    "target_probs": "target probabilities"}.get(error.argument, error.argument)
             raise NonFiniteLossError(
-                f"step {self.step}: non-finite values (NaN or inf) in the {', '.join(bad)} ({error}); "
+                f"step {error.step}: non-finite values (NaN or inf) in the {what} ({error}); "
                 f"train.max_nonfinite is 0, so the non-finite guard is off and this stops the run "
                 f"(set it > 0 to skip such steps); {self._checkpoint_note()}") from error
 
@@ -355,6 +359,7 @@ class Trainer:
         }
 
     def _save(self, name: str) -> None:
+        self._check_values()  # no checkpoint holds a state computed from a failed check
         path = os.path.join(self.config["out_dir"], name)
         if self.env.is_main:
             save_checkpoint(path, self._payload())
@@ -385,6 +390,7 @@ class Trainer:
                               num_classes=num_classes, class_names=class_names(num_classes), backend=self.config["backend"])
 
     def _validate(self) -> Dict[str, Any]:
+        self._check_values()
         c = self.config
         confusion = evaluate(self.model, self.val_dataset, c["data"]["num_classes"], device=self.device,
                              flip=c["train"]["eval_flip"], amp=c["train"]["amp"], channels_last=c["model"]["channels_last"],
@@ -484,6 +490,7 @@ class Trainer:
                     bar.update(1)
 
                 if self.step % t["log_every"] == 0 or self.step == t["steps"]:
+                    self._check_values()
                     if sums is not None:
                         means = (sums / window_steps).tolist()  # the one host read per log window
                         elapsed = time.perf_counter() - window_start

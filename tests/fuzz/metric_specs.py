@@ -261,6 +261,7 @@ class RegularizerSpec(Spec):
         out = []
         for _ in range(2):
             terms = reg(a["source_features"], a["source_labels"], a["target_features"], a["target_probs"])
+            reg.check_values()  # a training-mode call defers its value checks: read them here
             out += [terms[t] for t in self.TERMS]
         return tuple(out) + (reg.prototypes.clone(), reg.seen.clone(), reg.mean_source_norm.clone())
 
