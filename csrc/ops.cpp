@@ -1,6 +1,7 @@
 // The one registration of the lsr_fast operator library: schemas only. Kernels register their
 // implementations per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) kernels and
-// autograd are registered from Python in lsr_fast/ops/_compiled.py.
+// autograd are registered from Python in lsr_fast/ops/_compiled.py. Both devices' kernels check
+// their arguments with the same functions (csrc/arg_checks.h), named as in these schemas.
 //
 // Conventions shared by every kernel (see DESIGN.md, "Semantics"):
 // - labels are uint8/int32/int64; ignore_index marks void; windows are adaptive-pooling windows.

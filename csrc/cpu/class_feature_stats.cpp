@@ -121,8 +121,8 @@ void stats_forward_kernel(const FeatureView& f, const int32_t* idx, int64_t C, a
 std::tuple<at::Tensor, at::Tensor> class_feature_stats_cpu(const at::Tensor& features, const at::Tensor& labels,
                                                            int64_t num_classes, int64_t ignore_index) {
   constexpr const char* op = "class_feature_stats";
-  check_features_labels(features, labels, op);
-  TORCH_CHECK(num_classes >= 1, op, ": num_classes must be >= 1, got ", num_classes);
+  check_cpu_features_labels(features, labels, op);
+  check_class_feature_stats_args(features, labels, num_classes);
   const FeatureView f = view_features(features, op);
   const auto acc_type = acc_dtype(features.scalar_type());
   at::Tensor sums = at::zeros({num_classes, f.K}, features.options().dtype(acc_type));
@@ -192,11 +192,9 @@ void stats_backward_kernel(const FeatureView& f, const FeatureView& o, const int
 at::Tensor class_feature_stats_backward_cpu(const at::Tensor& grad_sums, const at::Tensor& features,
                                             const at::Tensor& labels, int64_t ignore_index) {
   constexpr const char* op = "class_feature_stats_backward";
-  check_features_labels(features, labels, op);
   check_cpu(grad_sums, op, "grad_sums");
-  check_float(grad_sums, op, "grad_sums");
-  TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(1) == features.size(1), op,
-              ": grad_sums must be (C, K) with K = ", features.size(1), ", got shape ", grad_sums.sizes());
+  check_cpu_features_labels(features, labels, op);
+  check_class_feature_stats_backward_args(grad_sums, features, labels);
   const int64_t C = grad_sums.size(0);
   const FeatureView f = view_features(features, op);
   at::Tensor grad = at::empty_like(features);

@@ -40,25 +40,9 @@ inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
               t.device());
 }
 
-inline void check_float(const at::Tensor& t, const char* op, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, op, ": ", name,
-              " must be float16, bfloat16, float32 or float64, got ", s);
-}
-
-inline void check_labels_dtype(const at::Tensor& t, const char* op, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kByte || s == at::kChar || s == at::kShort || s == at::kInt || s == at::kLong, op, ": ",
-              name, " must be an integer tensor (uint8, int8, int16, int32 or int64), got ", s);
-}
-
-// A 0-dim floating-point tensor's value as double; CPU memory, so no device sync.
-inline double scalar_value(const at::Tensor& t, const char* op, const char* name) {
-  check_cpu(t, op, name);
-  check_float(t, op, name);
-  TORCH_CHECK(t.dim() == 0, op, ": ", name, " must be a 0-dim tensor, got shape ", t.sizes());
-  return t.to(at::kDouble).contiguous().data_ptr<double>()[0];
-}
+// The value of a 0-dim floating-point tensor (checked by arg_checks.h) as double; CPU memory,
+// so no device sync.
+inline double scalar_value(const at::Tensor& t) { return t.to(at::kDouble).item<double>(); }
 
 // Bucket of a label value: the class in [0, C), or C (void) for ignore_index and for any value
 // outside [0, C). The Python API rejects such values first (value checks on); the kernels of
@@ -189,23 +173,10 @@ inline FeatureView view_features(const at::Tensor& features, const char* op) {
   return v;
 }
 
-// Checks features ((B, K, h, w) or (N, K), float) against labels ((B, h, w) or (N,)).
-inline void check_features_labels(const at::Tensor& features, const at::Tensor& labels, const char* op) {
+// The CPU placement of features and labels (their dtypes and shapes: arg_checks.h).
+inline void check_cpu_features_labels(const at::Tensor& features, const at::Tensor& labels, const char* op) {
   check_cpu(features, op, "features");
   check_cpu(labels, op, "labels");
-  check_float(features, op, "features");
-  check_labels_dtype(labels, op, "labels");
-  TORCH_CHECK(features.dim() == 4 || features.dim() == 2, op,
-              ": features must be (B, K, h, w) or (N, K), got shape ", features.sizes());
-  if (features.dim() == 4) {
-    TORCH_CHECK(labels.dim() == 3 && labels.size(0) == features.size(0) && labels.size(1) == features.size(2) &&
-                    labels.size(2) == features.size(3),
-                op, ": labels must be (B, h, w) = (", features.size(0), ", ", features.size(2), ", ",
-                features.size(3), ") to match features ", features.sizes(), ", got ", labels.sizes());
-  } else {
-    TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0), op, ": labels must be (N,) = (",
-                features.size(0), ",) to match features ", features.sizes(), ", got ", labels.sizes());
-  }
 }
 
 // The gradient buffer of a kernel that reads `in`: `out` (empty_like(features), what the fake

@@ -239,8 +239,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_t
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes, const at::Tensor& reference,
     int64_t norm_mode, int64_t ignore_index, int64_t distance, bool filtered) {
   constexpr const char* op = "feature_terms";
+  check_cpu_terms(features, labels, prototypes, reference, op);
+  check_feature_terms_args(op, features, labels, prototypes, reference, norm_mode, distance);
   const TermsInputs in =
-      check_terms_inputs(features, labels, prototypes, reference, norm_mode, ignore_index, distance, op);
+      prepare_terms_inputs(features, labels, prototypes, reference, ignore_index, op);
   const int64_t C = in.C, K = in.f.K;
   const auto opts = features.options().dtype(acc_dtype(features.scalar_type()));
   at::Tensor sums = at::zeros({C, K}, opts);

@@ -5,7 +5,7 @@
 // f_k >= m, m = the vector's mean channel value, else 0; norm_sum stays the unfiltered ||f||).
 //
 // Here: the per-channel distance term, the compile-time switch dispatch (with_switches), the
-// argument checks both ops share (check_terms_inputs), and the row sweeps both directions use so
+// inputs both ops prepare (prepare_terms_inputs), and the row sweeps both directions use so
 // that the backward sees the forward's norms and threshold to the bit:
 // - row_sweep / filtered_sweep: fixed interleaved lanes over a contiguous row (kLanes, combined by
 //   lanes_sum), an order that does not depend on the thread count or the layout;
@@ -234,21 +234,22 @@ struct TermsInputs {
   double r;
 };
 
-inline TermsInputs check_terms_inputs(const at::Tensor& features, const at::Tensor& labels,
-                                      const at::Tensor& prototypes, const at::Tensor& reference, int64_t norm_mode,
-                                      int64_t ignore_index, int64_t distance, const char* op) {
-  check_features_labels(features, labels, op);
+// The CPU placement of feature_terms' tensors (their dtypes and shapes: arg_checks.h).
+inline void check_cpu_terms(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes,
+                            const at::Tensor& reference, const char* op) {
+  check_cpu_features_labels(features, labels, op);
   check_cpu(prototypes, op, "prototypes");
-  check_float(prototypes, op, "prototypes");
-  TORCH_CHECK(prototypes.dim() == 2 && prototypes.size(1) == features.size(1), op,
-              ": prototypes must be (C, K) with K = ", features.size(1), ", got shape ", prototypes.sizes());
-  check_norm_mode(op, norm_mode);
-  check_distance(op, distance);
-  TORCH_CHECK(reference.dim() == 0, op, ": reference must be a 0-dim tensor, got shape ", reference.sizes());
+  check_cpu(reference, op, "reference");
+}
+
+// What both directions read, once check_feature_terms_args (or its backward's superset) passed.
+inline TermsInputs prepare_terms_inputs(const at::Tensor& features, const at::Tensor& labels,
+                                        const at::Tensor& prototypes, const at::Tensor& reference,
+                                        int64_t ignore_index, const char* op) {
   TermsInputs in;
   in.f = view_features(features, op);
   in.C = prototypes.size(0);
-  in.r = scalar_value(reference, op, "reference");
+  in.r = scalar_value(reference);
   in.idx = label_buckets(labels, in.f.B * in.f.N, in.C, ignore_index, op);
   in.protos = prototypes.to(acc_dtype(features.scalar_type())).contiguous();
   return in;

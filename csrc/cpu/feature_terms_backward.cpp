@@ -271,19 +271,18 @@ at::Tensor feature_terms_backward_cpu(const at::Tensor& grad_sums, const at::Ten
                                       const at::Tensor& prototypes, const at::Tensor& reference, int64_t norm_mode,
                                       int64_t ignore_index, int64_t distance, bool filtered) {
   constexpr const char* op = "feature_terms_backward";
-  const TermsInputs in =
-      check_terms_inputs(features, labels, prototypes, reference, norm_mode, ignore_index, distance, op);
-  const int64_t C = in.C, K = in.f.K;
   check_cpu(grad_sums, op, "grad_sums");
   check_cpu(grad_sq_dist_sums, op, "grad_sq_dist_sums");
-  check_float(grad_sums, op, "grad_sums");
-  check_float(grad_sq_dist_sums, op, "grad_sq_dist_sums");
-  TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(0) == C && grad_sums.size(1) == K, op,
-              ": grad_sums must be (C, K) = (", C, ", ", K, "), got shape ", grad_sums.sizes());
-  TORCH_CHECK(grad_sq_dist_sums.dim() == 1 && grad_sq_dist_sums.size(0) == C, op,
-              ": grad_sq_dist_sums must be (C,) = (", C, ",), got shape ", grad_sq_dist_sums.sizes());
-  const double g_loss = scalar_value(grad_norm_loss_sum, op, "grad_norm_loss_sum");
-  const double g_norm = scalar_value(grad_norm_sum, op, "grad_norm_sum");
+  check_cpu(grad_norm_loss_sum, op, "grad_norm_loss_sum");
+  check_cpu(grad_norm_sum, op, "grad_norm_sum");
+  check_cpu_terms(features, labels, prototypes, reference, op);
+  check_feature_terms_backward_args(grad_sums, grad_sq_dist_sums, grad_norm_loss_sum, grad_norm_sum, features, labels,
+                                    prototypes, reference, norm_mode, distance);
+  const TermsInputs in =
+      prepare_terms_inputs(features, labels, prototypes, reference, ignore_index, op);
+  const int64_t C = in.C;
+  const double g_loss = scalar_value(grad_norm_loss_sum);
+  const double g_norm = scalar_value(grad_norm_sum);
   at::Tensor grad = at::empty_like(features);
   if (grad.numel() == 0) return grad;
   const auto acc_type = acc_dtype(features.scalar_type());

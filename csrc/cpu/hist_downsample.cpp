@@ -83,18 +83,13 @@ at::Tensor hist_downsample_cpu(const at::Tensor& labels, int64_t out_h, int64_t 
                                const std::optional<at::Tensor>& class_weights) {
   constexpr const char* op = "hist_downsample";
   check_cpu(labels, op, "labels");
-  check_labels_dtype(labels, op, "labels");
-  TORCH_CHECK(labels.dim() == 3, op, ": labels must be (B, H, W), got shape ", labels.sizes());
+  const bool weighted = class_weights.has_value() && class_weights->defined();
+  if (weighted) check_cpu(*class_weights, op, "class_weights");
+  check_hist_downsample_args(labels, out_h, out_w, num_classes, threshold, class_weights);
   const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
-  check_output_size(op, out_h, out_w, H, W);
-  check_hist_classes(op, num_classes);
-  check_fraction(op, "threshold", threshold);
   at::Tensor weights;
-  if (class_weights.has_value() && class_weights->defined()) {
-    check_cpu(*class_weights, op, "class_weights");
-    check_float(*class_weights, op, "class_weights");
-    TORCH_CHECK(class_weights->dim() == 1 && class_weights->size(0) == num_classes, op,
-                ": class_weights must have shape (", num_classes, ",), got ", class_weights->sizes());
+  if (weighted) {
+    // A value check (arg_checks.h's rule): the CPU kernel holds the weights on the host anyway.
     weights = class_weights->to(at::kFloat).contiguous();
     const float* wp = weights.const_data_ptr<float>();
     for (int64_t c = 0; c < num_classes; ++c) {

@@ -71,11 +71,7 @@ void maxsquare_forward_kernel(const at::Tensor& probs, double alpha, at::Tensor&
 std::tuple<at::Tensor, at::Tensor> maxsquare_loss_cpu(const at::Tensor& probs, double alpha) {
   constexpr const char* op = "maxsquare_loss";
   check_cpu(probs, op, "probs");
-  check_float(probs, op, "probs");
-  TORCH_CHECK(probs.dim() == 4, op, ": probs must be (B, C, H, W), got shape ", probs.sizes());
-  TORCH_CHECK(probs.numel() > 0, op, ": probs must not be empty, got shape ", probs.sizes());
-  TORCH_CHECK(probs.size(1) < std::numeric_limits<int32_t>::max(), op, ": too many classes (", probs.size(1), ")");
-  check_fraction(op, "alpha", alpha);
+  check_maxsquare_loss_args(probs, alpha);
   const auto acc_type = acc_dtype(probs.scalar_type());
   at::Tensor loss = at::empty({}, probs.options().dtype(acc_type));
   at::Tensor class_weight = at::empty({probs.size(0), probs.size(1)}, probs.options().dtype(acc_type));
@@ -129,17 +125,12 @@ void maxsquare_backward_kernel(double grad_loss, const at::Tensor& probs, const 
 at::Tensor maxsquare_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& probs,
                                        const at::Tensor& class_weight) {
   constexpr const char* op = "maxsquare_loss_backward";
+  check_cpu(grad_loss, op, "grad_loss");
   check_cpu(probs, op, "probs");
   check_cpu(class_weight, op, "class_weight");
-  check_float(probs, op, "probs");
-  check_float(class_weight, op, "class_weight");
-  TORCH_CHECK(probs.dim() == 4, op, ": probs must be (B, C, H, W), got shape ", probs.sizes());
-  TORCH_CHECK(class_weight.dim() == 2 && class_weight.size(0) == probs.size(0) && class_weight.size(1) == probs.size(1),
-              op, ": class_weight must be (B, C) = (", probs.size(0), ", ", probs.size(1), "), got ",
-              class_weight.sizes());
-  const double g = scalar_value(grad_loss, op, "grad_loss");
+  check_maxsquare_loss_backward_args(grad_loss, probs, class_weight);
+  const double g = scalar_value(grad_loss);
   at::Tensor grad = at::empty_like(probs);
-  if (probs.numel() == 0) return grad;
   advise_huge_pages(grad);
   const at::Tensor weight = class_weight.to(acc_dtype(probs.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "lsr_fast_maxsquare_backward_cpu", [&] {

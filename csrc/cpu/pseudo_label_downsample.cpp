@@ -86,16 +86,10 @@ at::Tensor pseudo_label_downsample_cpu(const at::Tensor& probs, int64_t out_h, i
                                        double confidence, int64_t ignore_index) {
   constexpr const char* op = "pseudo_label_downsample";
   check_cpu(probs, op, "probs");
-  check_float(probs, op, "probs");
-  TORCH_CHECK(probs.dim() == 4, op, ": probs must be (B, C, H, W), got shape ", probs.sizes());
+  check_pseudo_label_downsample_args(probs, out_h, out_w, threshold, confidence);
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
-  check_output_size(op, out_h, out_w, H, W);
-  check_fraction(op, "threshold", threshold);
-  check_fraction(op, "confidence", confidence);
   at::Tensor out = at::empty({B, out_h, out_w}, probs.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
-  TORCH_CHECK(C >= 1, op, ": probs must have at least one class channel (dim 1), got shape ", probs.sizes());
-  TORCH_CHECK(C < std::numeric_limits<int32_t>::max(), op, ": too many classes (", C, ")");
   // Any strides are read in place: NCHW rows take the vectorised path, others a per-pixel loop.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "lsr_fast_pseudo_label_cpu", [&] {
     pseudo_label_kernel<scalar_t>(probs.const_data_ptr<scalar_t>(), B, C, H, W, probs.stride(0), probs.stride(1),

@@ -9,20 +9,16 @@ namespace lsr_fast {
 namespace cuda {
 namespace {
 
-void check_features(const at::Tensor& features, const at::Tensor& labels) {
-  check_cuda(features, "features");
-  check_same_device(features, labels, "features", "labels");
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
-              "lsr_fast: features must be float16, bfloat16, float32 or float64, got ", features.scalar_type());
-  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "lsr_fast: features must be (B, K, h, w) or (N, K), got shape ",
-              features.sizes());
-  check_labels_match(features, labels);
+// The CUDA placement of features and labels (their dtypes and shapes: arg_checks.h).
+void check_cuda_features(const char* op, const at::Tensor& features, const at::Tensor& labels) {
+  check_cuda(features, op, "features");
+  check_same_device(op, features, labels, "features", "labels");
 }
 
 std::tuple<at::Tensor, at::Tensor> class_feature_stats_cuda(const at::Tensor& features, const at::Tensor& labels,
                                                             int64_t num_classes, int64_t ignore_index) {
-  check_features(features, labels);
-  TORCH_CHECK(num_classes >= 1, "class_feature_stats: num_classes must be >= 1, got ", num_classes);
+  check_cuda_features("class_feature_stats", features, labels);
+  check_class_feature_stats_args(features, labels, num_classes);
   c10::cuda::CUDAGuard guard(features.device());
   const int64_t K = features.size(1);
   const auto acc = accumulate_type(features.scalar_type());
@@ -51,10 +47,10 @@ std::tuple<at::Tensor, at::Tensor> class_feature_stats_cuda(const at::Tensor& fe
 
 at::Tensor class_feature_stats_backward_cuda(const at::Tensor& grad_sums, const at::Tensor& features,
                                              const at::Tensor& labels, int64_t ignore_index) {
-  check_features(features, labels);
-  check_same_device(features, grad_sums, "features", "grad_sums");
-  TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(1) == features.size(1),
-              "lsr_fast: grad_sums must be (C, K) with K = ", features.size(1), ", got ", grad_sums.sizes());
+  constexpr const char* op = "class_feature_stats_backward";
+  check_cuda_features(op, features, labels);
+  check_same_device(op, features, grad_sums, "features", "grad_sums");
+  check_class_feature_stats_backward_args(grad_sums, features, labels);
   c10::cuda::CUDAGuard guard(features.device());
   const int64_t C = grad_sums.size(0);
   BackwardTensors bt = backward_tensors(features);

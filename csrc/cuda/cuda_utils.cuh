@@ -1,4 +1,5 @@
-// Helpers shared by the CUDA kernels of lsr_fast (csrc/cuda/*.cu).
+// Helpers shared by the CUDA kernels of lsr_fast (csrc/cuda/*.cu). The entry points check their
+// arguments with arg_checks.h (shared with the CPU kernels) after the device checks below.
 //
 // Only c10/cuda and ATen core headers are included (not ATen/cuda/CUDAContext.h, which pulls in
 // the cuBLAS/cuSPARSE/cuSOLVER headers that a bare CUDA toolkit lacks).
@@ -36,9 +37,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kSmemBudget = 48 * 1024;
 // Upper bound of the global-memory scratch of the large-C fallbacks.
 constexpr int64_t kScratchBytes = int64_t(256) << 20;
-// Largest num_classes the CUDA kernels take (32-bit (cell, class) and (class, channel) keys
-// and bounded scratch); far above any segmentation label set.
-constexpr int64_t kMaxClasses = int64_t(1) << 24;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -53,12 +51,14 @@ inline bool deterministic() { return at::globalContext().deterministicAlgorithms
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-inline void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "lsr_fast: ", name, " must be a CUDA tensor, got one on ", t.device());
+inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernel, got one on ", t.device());
 }
 
-inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* name_a, const char* name_b) {
-  TORCH_CHECK(a.device() == b.device(), "lsr_fast: ", name_b, " is on ", b.device(), " but ", name_a, " is on ",
+// b on a's device (a: the op's first tensor, already checked by check_cuda).
+inline void check_same_device(const char* op, const at::Tensor& a, const at::Tensor& b, const char* name_a,
+                              const char* name_b) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name_b, " is on ", b.device(), " but ", name_a, " is on ",
               a.device());
 }
 
@@ -68,8 +68,8 @@ inline at::ScalarType accumulate_type(at::ScalarType t) {
 
 // ---- labels -------------------------------------------------------------------------------
 // Labels of any integer dtype are read through one kernel instantiation: the element type is a
-// run-time switch (uniform across the grid, so it costs no divergence). Unusual dtypes
-// (uint16/32/64) are converted to int64 first.
+// run-time switch (uniform across the grid, so it costs no divergence). The entry points admit
+// only these five dtypes (arg_checks.h's check_labels_dtype); any other is converted to int64.
 enum LabelKind : int { kU8 = 0, kI8 = 1, kI16 = 2, kI32 = 3, kI64 = 4 };
 
 struct Labels {
@@ -77,9 +77,7 @@ struct Labels {
   int kind;
 };
 
-inline Labels prepare_labels(const at::Tensor& labels, const char* name = "labels") {
-  TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false), "lsr_fast: ", name,
-              " must be an integer tensor (uint8, int32, int64, ...), got ", labels.scalar_type());
+inline Labels prepare_labels(const at::Tensor& labels) {
   at::Tensor t = labels.contiguous();
   switch (t.scalar_type()) {
     case at::kByte: return {t, kU8};
@@ -257,7 +255,8 @@ inline std::optional<FeatureLayout> feature_layout(const at::Tensor& t, bool mer
   if (t.dim() == 2) {
     L = FeatureLayout{1, t.size(1), t.size(0), 0, t.stride(1), t.stride(0)};
   } else {
-    TORCH_CHECK(t.dim() == 4, "lsr_fast: features must be (B, K, h, w) or (N, K), got shape ", t.sizes());
+    TORCH_CHECK(t.dim() == 4, "lsr_fast: internal error: features must be (B, K, h, w) or (N, K), got shape ",
+                t.sizes());
     const int64_t h = t.size(2), w = t.size(3);
     int64_t sN;
     if (h * w <= 1) {
@@ -320,19 +319,6 @@ inline BackwardTensors backward_tensors(const at::Tensor& features, bool merge_b
 
 inline void finish_backward(BackwardTensors& r) {
   if (!r.work.is_same(r.out)) r.out.copy_(r.work);
-}
-
-// The spatial size (B, h, w) or (N,) labels must have for these features.
-inline void check_labels_match(const at::Tensor& features, const at::Tensor& labels) {
-  if (features.dim() == 2) {
-    TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0), "lsr_fast: labels must have shape (",
-                features.size(0), ",) to match features of shape ", features.sizes(), ", got ", labels.sizes());
-  } else {
-    TORCH_CHECK(labels.dim() == 3 && labels.size(0) == features.size(0) && labels.size(1) == features.size(2) &&
-                    labels.size(2) == features.size(3),
-                "lsr_fast: labels must have shape (", features.size(0), ", ", features.size(2), ", ",
-                features.size(3), ") to match features of shape ", features.sizes(), ", got ", labels.sizes());
-  }
 }
 
 // Deterministic reduction of per-block partials: out[e] = sum_p partial[p * M + e], p in order.

@@ -35,26 +35,13 @@ namespace lsr_fast {
 namespace cuda {
 namespace {
 
-void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes,
-                  const at::Tensor& reference, int64_t norm_mode, int64_t distance) {
-  check_cuda(features, "features");
-  check_same_device(features, labels, "features", "labels");
-  check_same_device(features, prototypes, "features", "prototypes");
-  check_same_device(features, reference, "features", "reference");
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
-              "lsr_fast: features must be float16, bfloat16, float32 or float64, got ", features.scalar_type());
-  TORCH_CHECK(features.dim() == 2 || features.dim() == 4, "lsr_fast: features must be (B, K, h, w) or (N, K), got shape ",
-              features.sizes());
-  check_labels_match(features, labels);
-  TORCH_CHECK(prototypes.dim() == 2 && prototypes.size(1) == features.size(1), "lsr_fast: prototypes must be (C, K) with K = ",
-              features.size(1), ", got ", prototypes.sizes());
-  TORCH_CHECK(reference.dim() == 0 && at::isFloatingType(reference.scalar_type()),
-              "lsr_fast: reference must be a 0-dim floating-point tensor, got shape ", reference.sizes(), " of ",
-              reference.scalar_type());
-  check_norm_mode("feature_terms", norm_mode);
-  check_distance("feature_terms", distance);
-  TORCH_CHECK(at::isFloatingType(prototypes.scalar_type()), "feature_terms: prototypes must be a floating-point "
-              "tensor, got ", prototypes.scalar_type());
+// The CUDA placement of the tensors both directions take (dtypes and shapes: arg_checks.h).
+void check_cuda_inputs(const char* op, const at::Tensor& features, const at::Tensor& labels,
+                       const at::Tensor& prototypes, const at::Tensor& reference) {
+  check_cuda(features, op, "features");
+  check_same_device(op, features, labels, "features", "labels");
+  check_same_device(op, features, prototypes, "features", "prototypes");
+  check_same_device(op, features, reference, "features", "reference");
 }
 
 // The forward for one combination of the switches; the outputs are allocated by the caller
@@ -103,7 +90,9 @@ void feature_terms_impl(const at::Tensor& f, const FeatureLayout& layout, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_terms_cuda(
     const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes, const at::Tensor& reference,
     int64_t norm_mode, int64_t ignore_index, int64_t distance, bool filtered) {
-  check_inputs(features, labels, prototypes, reference, norm_mode, distance);
+  constexpr const char* op = "feature_terms";
+  check_cuda_inputs(op, features, labels, prototypes, reference);
+  check_feature_terms_args(op, features, labels, prototypes, reference, norm_mode, distance);
   c10::cuda::CUDAGuard guard(features.device());
   const int64_t K = features.size(1);
   const int64_t C = prototypes.size(0);
@@ -157,20 +146,15 @@ at::Tensor feature_terms_backward_cuda(const at::Tensor& grad_sums, const at::Te
                                        const at::Tensor& features, const at::Tensor& labels,
                                        const at::Tensor& prototypes, const at::Tensor& reference, int64_t norm_mode,
                                        int64_t ignore_index, int64_t distance, bool filtered) {
-  check_inputs(features, labels, prototypes, reference, norm_mode, distance);
-  const int64_t K = features.size(1);
+  constexpr const char* op = "feature_terms_backward";
+  check_cuda_inputs(op, features, labels, prototypes, reference);
+  check_same_device(op, features, grad_sums, "features", "grad_sums");
+  check_same_device(op, features, grad_sq_dist_sums, "features", "grad_sq_dist_sums");
+  check_same_device(op, features, grad_norm_loss_sum, "features", "grad_norm_loss_sum");
+  check_same_device(op, features, grad_norm_sum, "features", "grad_norm_sum");
+  check_feature_terms_backward_args(grad_sums, grad_sq_dist_sums, grad_norm_loss_sum, grad_norm_sum, features, labels,
+                                    prototypes, reference, norm_mode, distance);
   const int64_t C = prototypes.size(0);
-  check_same_device(features, grad_sums, "features", "grad_sums");
-  check_same_device(features, grad_sq_dist_sums, "features", "grad_sq_dist_sums");
-  check_same_device(features, grad_norm_loss_sum, "features", "grad_norm_loss_sum");
-  check_same_device(features, grad_norm_sum, "features", "grad_norm_sum");
-  TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(0) == C && grad_sums.size(1) == K,
-              "lsr_fast: grad_sums must be (", C, ", ", K, "), got ", grad_sums.sizes());
-  TORCH_CHECK(grad_sq_dist_sums.dim() == 1 && grad_sq_dist_sums.size(0) == C,
-              "lsr_fast: grad_sq_dist_sums must be (", C, ",), got ", grad_sq_dist_sums.sizes());
-  TORCH_CHECK(grad_norm_loss_sum.dim() == 0 && grad_norm_sum.dim() == 0 &&
-                  at::isFloatingType(grad_norm_loss_sum.scalar_type()) && at::isFloatingType(grad_norm_sum.scalar_type()),
-              "feature_terms_backward: grad_norm_loss_sum and grad_norm_sum must be 0-dim floating-point tensors");
   c10::cuda::CUDAGuard guard(features.device());
   BackwardTensors bt = backward_tensors(features);
   if (bt.out.numel() == 0) return bt.out;

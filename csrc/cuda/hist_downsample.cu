@@ -10,22 +10,18 @@ namespace {
 at::Tensor hist_downsample_cuda(const at::Tensor& labels, int64_t out_h, int64_t out_w, int64_t num_classes,
                                 double threshold, int64_t ignore_index,
                                 const std::optional<at::Tensor>& class_weights) {
-  check_cuda(labels, "labels");
-  TORCH_CHECK(labels.dim() == 3, "lsr_fast: labels must be (B, H, W), got shape ", labels.sizes());
+  constexpr const char* op = "hist_downsample";
+  check_cuda(labels, op, "labels");
+  const bool weighted = class_weights.has_value() && class_weights->defined();
+  if (weighted) check_same_device(op, labels, *class_weights, "labels", "class_weights");
+  check_hist_downsample_args(labels, out_h, out_w, num_classes, threshold, class_weights);
   const int64_t B = labels.size(0), H = labels.size(1), W = labels.size(2);
-  check_window_sizes("hist_downsample", H, W, out_h, out_w);
-  check_hist_classes("hist_downsample", num_classes);
-  check_fraction("hist_downsample", "threshold", threshold);
+  check_window_pixels(op, "labels", H, W);
   c10::cuda::CUDAGuard guard(labels.device());
 
   at::Tensor weights;
-  if (class_weights.has_value() && class_weights->defined()) {
-    check_same_device(labels, *class_weights, "labels", "class_weights");
-    // Their values (finite, >= 0) are trusted here: reading them would synchronise (README).
-    TORCH_CHECK(at::isFloatingType(class_weights->scalar_type()), "hist_downsample: class_weights must be a "
-                "floating-point tensor, got ", class_weights->scalar_type());
-    TORCH_CHECK(class_weights->dim() == 1 && class_weights->size(0) == num_classes,
-                "lsr_fast: class_weights must have shape (", num_classes, ",), got ", class_weights->sizes());
+  if (weighted) {
+    // Their values (finite, >= 0) are trusted here: reading them would synchronise (arg_checks.h).
     weights = class_weights->to(at::kFloat).contiguous();
   }
 

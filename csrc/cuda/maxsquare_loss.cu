@@ -186,23 +186,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void check_probs(const at::Tensor& probs) {
-  check_cuda(probs, "probs");
-  TORCH_CHECK(probs.dim() == 4, "lsr_fast: probs must be (B, C, H, W), got shape ", probs.sizes());
-  TORCH_CHECK(at::isFloatingType(probs.scalar_type()),
-              "lsr_fast: probs must be float16, bfloat16, float32 or float64, got ", probs.scalar_type());
-  TORCH_CHECK(probs.size(1) <= kMaxClasses, "lsr_fast: probs may have at most ", kMaxClasses,
-              " class channels on CUDA, got ", probs.size(1));
-  TORCH_CHECK(probs.size(2) * probs.size(3) < (int64_t(1) << 31),
-              "lsr_fast: the CUDA kernels take at most 2^31 - 1 pixels per image, got ", probs.size(2), " x ",
+// Limits of the CUDA kernels only (32-bit pixel offsets within an image), checked after the
+// shared argument checks; the CPU kernels have none.
+void check_cuda_pixels(const char* op, const at::Tensor& probs) {
+  TORCH_CHECK(probs.size(2) * probs.size(3) < (int64_t(1) << 31), op,
+              ": probs must have at most 2^31 - 1 pixels per image on CUDA, got ", probs.size(2), " x ",
               probs.size(3));
 }
 
 std::tuple<at::Tensor, at::Tensor> maxsquare_loss_cuda(const at::Tensor& probs, double alpha) {
-  check_probs(probs);
-  // As on the CPU: an empty batch has no mean (and B = 0 would divide by zero below).
-  TORCH_CHECK(probs.numel() > 0, "maxsquare_loss: probs must not be empty, got shape ", probs.sizes());
-  check_fraction("maxsquare_loss", "alpha", alpha);
+  constexpr const char* op = "maxsquare_loss";
+  check_cuda(probs, op, "probs");
+  // Before any arithmetic on the sizes: B = 0 or C = 0 (empty probs) would divide by zero below.
+  check_maxsquare_loss_args(probs, alpha);
+  check_cuda_pixels(op, probs);
   c10::cuda::CUDAGuard guard(probs.device());
   const int64_t B = probs.size(0), C = probs.size(1), HW = probs.size(2) * probs.size(3);
   const auto acc = accumulate_type(probs.scalar_type());
@@ -250,19 +247,15 @@ std::tuple<at::Tensor, at::Tensor> maxsquare_loss_cuda(const at::Tensor& probs, 
 
 at::Tensor maxsquare_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& probs,
                                         const at::Tensor& class_weight) {
-  check_probs(probs);
-  check_same_device(probs, grad_loss, "probs", "grad_loss");
-  check_same_device(probs, class_weight, "probs", "class_weight");
+  constexpr const char* op = "maxsquare_loss_backward";
+  check_cuda(probs, op, "probs");
+  check_same_device(op, probs, grad_loss, "probs", "grad_loss");
+  check_same_device(op, probs, class_weight, "probs", "class_weight");
+  check_maxsquare_loss_backward_args(grad_loss, probs, class_weight);
+  check_cuda_pixels(op, probs);
   const int64_t B = probs.size(0), C = probs.size(1), HW = probs.size(2) * probs.size(3);
-  TORCH_CHECK(class_weight.dim() == 2 && class_weight.size(0) == B && class_weight.size(1) == C,
-              "lsr_fast: class_weight must be (", B, ", ", C, "), got ", class_weight.sizes());
-  TORCH_CHECK(grad_loss.dim() == 0, "maxsquare_loss_backward: grad_loss must be a 0-dim tensor, got shape ", grad_loss.sizes());
-  TORCH_CHECK(at::isFloatingType(class_weight.scalar_type()) && at::isFloatingType(grad_loss.scalar_type()),
-              "maxsquare_loss_backward: class_weight and grad_loss must be floating-point tensors, got ",
-              class_weight.scalar_type(), " and ", grad_loss.scalar_type());
   c10::cuda::CUDAGuard guard(probs.device());
   BackwardTensors bt = backward_tensors(probs, /*merge_batch=*/false);
-  if (bt.out.numel() == 0) return bt.out;
   const auto acc = accumulate_type(probs.scalar_type());
   const at::Tensor w = class_weight.to(acc).contiguous();
   const at::Tensor g = grad_loss.to(acc).reshape({});

@@ -11,15 +11,11 @@ namespace {
 
 at::Tensor pseudo_label_downsample_cuda(const at::Tensor& probs, int64_t out_h, int64_t out_w, double threshold,
                                         double confidence, int64_t ignore_index) {
-  check_cuda(probs, "probs");
-  TORCH_CHECK(probs.dim() == 4, "lsr_fast: probs must be (B, C, H, W), got shape ", probs.sizes());
-  TORCH_CHECK(at::isFloatingType(probs.scalar_type()),
-              "lsr_fast: probs must be float16, bfloat16, float32 or float64, got ", probs.scalar_type());
+  constexpr const char* op = "pseudo_label_downsample";
+  check_cuda(probs, op, "probs");
+  check_pseudo_label_downsample_args(probs, out_h, out_w, threshold, confidence);
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
-  TORCH_CHECK(C >= 1, "lsr_fast: probs must have at least one class channel (dim 1)");
-  check_window_sizes("pseudo_label_downsample", H, W, out_h, out_w);
-  check_fraction("pseudo_label_downsample", "threshold", threshold);
-  check_fraction("pseudo_label_downsample", "confidence", confidence);
+  check_window_pixels(op, "probs", H, W);
   c10::cuda::CUDAGuard guard(probs.device());
 
   at::Tensor out = at::empty({B, out_h, out_w}, probs.options().dtype(at::kLong));

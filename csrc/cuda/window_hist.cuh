@@ -195,15 +195,17 @@ struct WindowPlan {
   int64_t grid;
 };
 
-inline void check_window_sizes(const char* op, int64_t H, int64_t W, int64_t out_h, int64_t out_w) {
-  check_output_size(op, out_h, out_w, H, W);
-  TORCH_CHECK(H * W < (int64_t(1) << 31), "lsr_fast: the CUDA kernels take at most 2^31 - 1 pixels per image, got ",
+// A limit of the CUDA kernels only (32-bit pixel offsets within an image), checked after the
+// shared arguments checks; the CPU kernels have none.
+inline void check_window_pixels(const char* op, const char* name, int64_t H, int64_t W) {
+  TORCH_CHECK(H * W < (int64_t(1) << 31), op, ": ", name, " must have at most 2^31 - 1 pixels per image on CUDA, got ",
               H, " x ", W);
 }
 
 inline WindowPlan plan_windows(int64_t B, int64_t H, int64_t W, int64_t h, int64_t w, int64_t C, bool probs,
                                int sms) {
-  TORCH_CHECK(C >= 1 && C <= kMaxClasses, "lsr_fast: num_classes must be in [1, ", kMaxClasses,
+  // The entry points' shared checks bound C to [1, kMaxClasses]; this guards the plan's own use.
+  TORCH_CHECK(C >= 1 && C <= kMaxClasses, "lsr_fast: internal error: num_classes must be in [1, ", kMaxClasses,
               "] for the CUDA kernels, got ", C);
   // About 512 input columns per tile, but enough tiles to fill the GPU.
   const int64_t win_w = ceil_div(W, w) + 1;

@@ -83,8 +83,7 @@ def pseudo_label_downsample(
     """
     check.float_tensor("probs", probs)
     check.ndim("probs", probs, (4,), "(B, C, H, W)")
-    if probs.shape[1] < 1:
-        raise ValueError("probs must have at least one class channel (dim 1)")
+    check.class_count("probs", probs, 1, "class channels (dim 1)")
     check.integer("ignore_index", ignore_index)
     size = check.output_size("size", size, tuple(probs.shape[2:]))
     threshold = check.fraction("threshold", threshold)
@@ -113,7 +112,7 @@ def class_feature_stats(
     prototypes: sums / counts).
     """
     check.features_and_labels(features, labels)
-    check.positive_int("num_classes", num_classes)
+    check.positive_int("num_classes", num_classes, check.MAX_CLASSES)
     check.integer("ignore_index", ignore_index)
     weights = check.vector_weights(weights, labels)
     check.label_values("labels", labels, num_classes, ignore_index)
@@ -146,9 +145,7 @@ def clustering_loss(
     check.features_and_labels(features, labels)
     check.float_tensor("prototypes", prototypes)
     check.ndim("prototypes", prototypes, (2,), "(C, K)")
-    num_classes, width = prototypes.shape
-    if num_classes < 1:
-        raise ValueError("prototypes must have at least one class row, got shape (0, K)")
+    num_classes, width = check.class_count("prototypes", prototypes, 0, "class rows (dim 0)"), prototypes.shape[1]
     if width != features.shape[1]:
         raise ValueError(f"prototypes must have width K={features.shape[1]} (features' dim 1), got {width}")
     check.finite("prototypes", prototypes)
@@ -210,6 +207,7 @@ def maxsquare_loss(probs: torch.Tensor, *, alpha: float = 0.2, backend: str = "a
     check.ndim("probs", probs, (4,), "(B, C, H, W)")
     if probs.numel() == 0:
         raise ValueError(f"probs must not be empty, got shape {tuple(probs.shape)}")
+    check.class_count("probs", probs, 1, "class channels (dim 1)")
     alpha = check.fraction("alpha", alpha)
     check.finite("probs", probs)
     impl = resolve("maxsquare_loss", backend, probs.device)
@@ -242,6 +240,8 @@ def feature_terms(
     check.features_and_labels(features, labels)
     check.float_tensor("prototypes", prototypes)
     check.ndim("prototypes", prototypes, (2,), "(C, K)")
+    # Zero rows are valid here (only the norm terms count), as in the raw op.
+    check.class_count("prototypes", prototypes, 0, "class rows (dim 0)", low=0)
     if prototypes.shape[1] != features.shape[1]:
         raise ValueError(f"prototypes must have width K={features.shape[1]} (features' dim 1), got {prototypes.shape[1]}")
     check.finite("prototypes", prototypes)

@@ -25,6 +25,10 @@ _INT64_RANGE = (-(2**63), 2**63 - 1)
 # hist_downsample's largest num_classes (csrc/arg_checks.h, kMaxHistClasses): label maps have at
 # most 16-bit class ids in practice, and it bounds the CUDA kernels' per-cell histogram work.
 MAX_HIST_CLASSES = 2**16
+# Every other op's largest class count (num_classes, prototypes' rows, probs' class channels;
+# csrc/arg_checks.h, kMaxClasses): the CUDA kernels' 32-bit keys and bounded scratch, far above
+# any segmentation label set. The raw ops of both devices check the same bounds.
+MAX_CLASSES = 2**24
 _value_checks = True
 
 
@@ -84,6 +88,15 @@ def positive_int(name: str, value, high: int = _INT64_RANGE[1]) -> int:
     if value > high:
         raise ValueError(f"{name} must be <= {high}, got {value}")
     return value
+
+
+def class_count(name: str, value: torch.Tensor, dim: int, what: str, low: int = 1) -> int:
+    """The class count of a tensor, its size along ``dim`` ((C, K) prototypes: 0, (B, C, H, W)
+    probs: 1), in [low, MAX_CLASSES]."""
+    count = value.shape[dim]
+    if not low <= count <= MAX_CLASSES:
+        raise ValueError(f"{name} must have between {low} and {MAX_CLASSES} {what}, got shape {tuple(value.shape)}")
+    return count
 
 
 def integer(name: str, value) -> int:
