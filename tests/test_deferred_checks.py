@@ -264,3 +264,31 @@ def test_a_resumed_regulariser_labels_steps_from_its_saved_count():
     resumed(*batch(3, bad_label=5))
     with pytest.raises(ValueCheckError, match=r"\(first failed at step 3\)$"):
         resumed.check_values()
+
+
+def test_deferred_checks_trace_into_one_compiled_graph():
+    """torch.compile(fullgraph=True) of a step whose checks are deferred (checks made at once
+    read a value, which would break the graph): the verdicts are recorded by the compiled code."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (1, 16, 20), generator=g)
+    features, prototypes = torch.randn(1, 5, 4, 5, generator=g), torch.randn(3, 5, generator=g)
+
+    def step(f, labels):
+        small = lsr_fast.hist_downsample(labels, (4, 5), 3)
+        sums, counts, sq, norm_loss, _ = lsr_fast.feature_terms(f, small, prototypes, 1.5)
+        return lsr_fast.reference.clustering_from_sums(sq, counts) + norm_loss / 20
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    bad = labels.clone()
+    bad[0, 3, 4] = 7
+    checks = DeferredChecks()
+    with checks:
+        for step_index, current in enumerate((labels, bad, labels)):
+            checks.step = step_index
+            f = features.clone().requires_grad_()
+            compiled(f, current).backward()
+            assert f.grad is not None
+    (error,) = checks.errors()
+    assert str(error) == ("labels contains the value 7, which is neither a class in [0, 3) nor ignore_index=255 "
+                          "(first failed at step 1)")
