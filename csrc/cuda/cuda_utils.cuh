@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -50,6 +51,26 @@ inline int sm_count(const at::Tensor& t) {
 }
 
 inline bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
+
+// ---- fresh buffers that a kernel writes in full ----------------------------------------------
+// at::empty / empty_like fill new memory with NaN (integers: their maximum) while
+// torch.use_deterministic_algorithms(True) and torch.utils.deterministic.fill_uninitialized_memory
+// (default True) are on: a debugging aid that costs one more write of the buffer (a 120 MB
+// gradient at the paper's shape). Buffers whose every element a kernel writes before anything
+// reads it are allocated with at::detail::empty_cuda, the allocation behind at::empty without
+// the fill. Each use says why every element is written; anything else keeps at::empty/zeros.
+inline at::Tensor empty_written(at::IntArrayRef size, const at::TensorOptions& options) {
+  return at::Tensor(at::detail::empty_cuda(size, options));
+}
+
+// As at::empty_like(t) (preserve_format: t's strides when t is dense, else the contiguous tensor
+// of t's suggested memory format), without the fill.
+inline at::Tensor empty_like_written(const at::Tensor& t) {
+  if (t.is_non_overlapping_and_dense()) {
+    return at::Tensor(at::detail::empty_strided_cuda(t.sizes(), t.strides(), t.options()));
+  }
+  return at::Tensor(at::detail::empty_cuda(t.sizes(), t.options().memory_format(t.suggest_memory_format())));
+}
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
@@ -300,9 +321,11 @@ struct BackwardTensors {
   FeatureLayout layout;
 };
 
+// out and work are written in full (the kernel writes every element of work; out is work or gets
+// a copy of it), so they skip the deterministic NaN fill.
 inline BackwardTensors backward_tensors(const at::Tensor& features, bool merge_batch = true) {
   BackwardTensors r;
-  r.out = at::empty_like(features);
+  r.out = empty_like_written(features);
   at::Tensor f = features.is_non_overlapping_and_dense() ? features
                                                           : features.contiguous(features.suggest_memory_format());
   auto layout = feature_layout(f, merge_batch);
@@ -312,7 +335,7 @@ inline BackwardTensors backward_tensors(const at::Tensor& features, bool merge_b
     r.layout = *layout;
   } else {
     r.f = features.contiguous();
-    r.work = at::empty_like(r.f);
+    r.work = empty_like_written(r.f);
     r.layout = *feature_layout(r.f, merge_batch);
   }
   return r;

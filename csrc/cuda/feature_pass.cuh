@@ -327,12 +327,14 @@ inline void run_feature_pass(const FeaturePassPlan& plan, const at::Tensor& f, a
   const auto acc_options = f.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor scratch, partial;
   acc_t* acc_global = nullptr;
+  // Written in full before any read (no deterministic NaN fill): each block zeroes its slice of
+  // scratch first; block (pc, kt) writes partial[pc][c][kg] for every c and each kg of its K-tile.
   if (a.acc_copies == 0) {
-    scratch = at::empty({plan.grid * kWarps * a.C * kKT}, acc_options);
+    scratch = empty_written({plan.grid * kWarps * a.C * kKT}, acc_options);
     acc_global = scratch.data_ptr<acc_t>();
   }
   const bool det = deterministic();
-  if (det) partial = at::empty({int64_t(a.P) * a.C * a.K}, acc_options);
+  if (det) partial = empty_written({int64_t(a.P) * a.C * a.K}, acc_options);
   feature_pass_kernel<scalar_t, kTerms, kL1, kFiltered>
       <<<static_cast<unsigned>(plan.grid), kThreads, plan.smem, stream()>>>(
           f.const_data_ptr<scalar_t>(), a, acc_global, det ? nullptr : sums.data_ptr<acc_t>(),
