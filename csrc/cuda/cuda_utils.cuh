@@ -13,7 +13,9 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -22,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <optional>
 
 #include "arg_checks.h"
@@ -33,7 +36,7 @@ namespace cuda {
 // Every kernel runs 256 threads = 8 warps per block.
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Dynamic shared memory a block may use without the opt-in attribute.
+// Dynamic shared memory a block may use without the opt-in attribute (see smem_budget).
 constexpr int64_t kSmemBudget = 48 * 1024;
 // Upper bound of the global-memory scratch of the large-C fallbacks.
 constexpr int64_t kScratchBytes = int64_t(256) << 20;
@@ -51,6 +54,44 @@ inline int sm_count(const at::Tensor& t) {
 }
 
 inline bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
+
+// ---- shared memory beyond 48 KB -------------------------------------------------------------
+// The dynamic shared memory per block a plan may use on `device`: the opt-in maximum (163 KB on
+// sm_80, 227 KB on sm_90), but at most half of an SM's shared memory less the per-block
+// reservation (81 KB on sm_80, 113 KB on sm_90), so that two blocks stay resident per SM and one
+// block's loads overlap the other's shared-memory phase; never below the default 48 KB.
+inline int64_t smem_budget(int device) {
+  int optin = 0, per_sm = 0, reserved = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  return std::max<int64_t>(kSmemBudget, std::min<int64_t>(optin, per_sm / 2 - reserved));
+}
+
+// Lets one kernel launch with up to smem_budget() bytes of dynamic shared memory on the current
+// device: beyond 48 KB a launch fails unless cudaFuncAttributeMaxDynamicSharedMemorySize allows
+// it, and the occupancy calculator counts 0 blocks. The attribute belongs to the kernel on one
+// device, so it is set once per device (std::call_once: any thread may launch; a failed call is
+// retried). Keep one instance per kernel instantiation: a static local of the function template
+// that plans its launches. Kernels using this must have no static shared memory.
+class SmemOptIn {
+ public:
+  template <typename Kernel>
+  int64_t enable(Kernel* kernel) {
+    const int device = c10::cuda::current_device();
+    TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "lsr_fast: CUDA device index ", device,
+                " out of range");
+    const int64_t budget = smem_budget(device);
+    std::call_once(once_[device], [&] {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(budget)));
+    });
+    return budget;
+  }
+
+ private:
+  std::once_flag once_[C10_COMPILE_TIME_MAX_GPUS];
+};
 
 // ---- fresh buffers that a kernel writes in full ----------------------------------------------
 // at::empty / empty_like fill new memory with NaN (integers: their maximum) while
