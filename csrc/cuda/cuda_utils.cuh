@@ -279,6 +279,10 @@ __device__ __forceinline__ bool beats(T v, T best) {
 
 // ---- vector loads -------------------------------------------------------------------------
 // 16-byte loads of V = 16 / sizeof(scalar_t) elements; callers check the alignment.
+// NCHW planes of an odd h*w (91x161) start at every alignment, so the kernels do not require
+// aligned planes: they find each plane's first 16-byte boundary (head_elems) and load whole
+// vectors from there, the few elements outside whole vectors one by one (feature_pass.cuh,
+// feature_common.cuh's LaneSlots).
 template <typename scalar_t>
 struct Vec16 {
   static constexpr int kSize = 16 / sizeof(scalar_t);
@@ -302,6 +306,18 @@ __device__ __forceinline__ void store_vec16(scalar_t* p, const Vec16<scalar_t>& 
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Whether p is aligned to its element size (true of every tensor; checked before relying on it).
+template <typename scalar_t>
+inline bool aligned_elem(const scalar_t* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(scalar_t) == 0; }
+
+// Elements from base + offset to the next 16-byte boundary (0 when aligned), for an element-aligned
+// base. Integer arithmetic: the address need not be dereferenceable.
+template <typename scalar_t>
+__device__ __forceinline__ int head_elems(const scalar_t* base, int64_t offset) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(offset) * sizeof(scalar_t);
+  return static_cast<int>(((16u - (addr & 15u)) & 15u) / sizeof(scalar_t));
+}
 
 // ---- feature layouts ----------------------------------------------------------------------
 // Features (B, K, h, w) or rows (N, K) seen as element (b, k, n) at b*sB + k*sK + n*sN, with

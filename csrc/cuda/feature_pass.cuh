@@ -7,10 +7,12 @@
 // range of position tiles (kNT = 128 positions of one image). For each position tile it stages
 // the [32 x 128] slab in shared memory, loaded coalesced along the unit-stride dimension
 // (positions for NCHW, channels for channels_last and (N, K) rows) with 16-byte vector loads
-// when the strides and the pointer allow, and the 128 labels. Then
+// (NCHW: for any h*w, from each row's first 16-byte boundary; channels-last: when K and the
+// strides allow), and the 128 labels. Then
 //   - class sums: warp w takes 128/S consecutive positions, lane = channel; runs of equal labels
 //     are summed in a register and added to the warp's private (C x 32) accumulator, so no
-//     atomics and a fixed summation order inside the block;
+//     atomics and a fixed summation order inside the block (S copies in shared memory, as many
+//     as smem_budget() holds, up to 8; global memory when not even one fits);
 //   - (feature_terms) per-position partial |f|^2 and |f - p_c|^2 over the 32 channels, two
 //     threads per position, written to pos_partial[ktile][2][N] (no atomics).
 // At the end the warp accumulators are summed in warp order and the block's (C x 32) slice is
@@ -103,27 +105,48 @@ __global__ void __launch_bounds__(kThreads)
     // its position (or channel) fixed and strides over the other dimension in a fully unrolled
     // loop, so all of its loads are in flight at once.
     if (a.pos_major) {
-      if (a.vec) {  // V consecutive positions per load; HW % V == 0 so a vector is all in or all out
-        constexpr int per_row = kNT / V;                  // vectors per channel row
+      if (a.vec) {
+        // 16-byte loads for any h*w: a channel row (kNT positions from n0) starts h elements
+        // before a 16-byte boundary, h from the row's own address (planes of an odd h*w start at
+        // every alignment). Thread j of the row takes positions (h + j*V + u) mod kNT, u < V:
+        // one aligned vector when they are contiguous and inside the image, else V scalar loads
+        // (the last thread, wrapping around to [0, h), and the image's last tile). Each position
+        // is loaded once either way and the slab holds the same values: the sums below do not
+        // depend on the path.
+        constexpr int per_row = kNT / V;  // threads per channel row
         constexpr int rows_per_pass = kThreads / per_row;
         static_assert(kThreads % per_row == 0 && kKT % rows_per_pass == 0, "whole passes");
-        const int nl = (t % per_row) * V;
+        // A thread's rows are rows_per_pass = 2V apart, 32 bytes times sK in memory, a multiple of
+        // 16 bytes: h is the same for all of them.
+        static_assert(rows_per_pass * sizeof(scalar_t) % 16 == 0, "one h per thread");
+        const int j = t % per_row;
         const int kr = t / per_row;
-        const int64_t n = n0 + nl;
-        const bool n_ok = n < a.HW;
+        const int cnt = static_cast<int>(std::min<int64_t>(kNT, a.HW - n0));  // positions inside the image
+        const scalar_t* row0 = fb + static_cast<int64_t>(k0 + kr) * a.sK + n0;  // the thread's first row
+        const int h = head_elems(row0, 0);
+        const int q0 = h + j * V;
+        const bool whole = q0 + V <= cnt;  // cnt <= kNT: never the wrapping thread
 #pragma unroll
         for (int it = 0; it < kKT / rows_per_pass; ++it) {
           const int k = kr + it * rows_per_pass;
-          const int kg = k0 + k;
-          acc_t* dst = tile + k * kTileStride + nl;
-          if (n_ok && kg < K) {
-            const Vec16<scalar_t> v = load_vec16(fb + kg * a.sK + n);
+          const bool k_ok = k0 + k < K;
+          const scalar_t* src = row0 + static_cast<int64_t>(it * rows_per_pass) * a.sK + q0;  // slot 0
+          acc_t x[V];
+          if (k_ok && whole) {
+            const Vec16<scalar_t> v = load_vec16(src);
 #pragma unroll
-            for (int u = 0; u < V; ++u) dst[u] = static_cast<acc_t>(v.v[u]);
+            for (int u = 0; u < V; ++u) x[u] = static_cast<acc_t>(v.v[u]);
           } else {
 #pragma unroll
-            for (int u = 0; u < V; ++u) dst[u] = acc_t(0);
+            for (int u = 0; u < V; ++u) {
+              const bool wrapped = q0 + u >= kNT;
+              const int q = wrapped ? q0 + u - kNT : q0 + u;
+              x[u] = (k_ok && q < cnt) ? static_cast<acc_t>(wrapped ? src[u - kNT] : src[u]) : acc_t(0);
+            }
           }
+          acc_t* dst = tile + k * kTileStride;
+#pragma unroll
+          for (int u = 0; u < V; ++u) dst[q0 + u < kNT ? q0 + u : q0 + u - kNT] = x[u];
         }
       } else {
         constexpr int rows_per_pass = kThreads / kNT;
@@ -282,9 +305,10 @@ inline FeaturePassPlan plan_feature_pass(const at::Tensor& f, const FeatureLayou
   a.K = static_cast<int>(L.K);
   a.C = static_cast<int>(C);
   a.pos_major = position_major(L);
+  // NCHW: rows of any h*w and alignment (see the staging); channels-last: aligned channel vectors.
   const bool batch_ok = L.B == 1 || L.sB % V == 0;
-  a.vec = aligned16(f.const_data_ptr()) && batch_ok &&
-          (a.pos_major ? (L.HW % V == 0 && L.sK % V == 0) : (L.sK == 1 && L.K % V == 0 && L.sN % V == 0));
+  a.vec = a.pos_major ? aligned_elem(f.const_data_ptr<scalar_t>())
+                      : (aligned16(f.const_data_ptr()) && batch_ok && L.sK == 1 && L.K % V == 0 && L.sN % V == 0);
   a.labels = lab.tensor.const_data_ptr();
   a.label_kind = lab.kind;
   a.ignore_index = ignore_index;
