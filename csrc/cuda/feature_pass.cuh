@@ -52,6 +52,21 @@ struct FeaturePassArgs {
   int acc_copies;  // S in {1, 2, 4, 8}: per-warp accumulators in shared memory; 0: kWarps in global scratch
 };
 
+// x[i] <- x[(i + r) mod V] for a run-time r: a barrel rotator (log2(V) steps of V selects) with
+// compile-time register indices, so x stays in registers (x[r] would spill it to local memory).
+template <typename T, int V>
+__device__ __forceinline__ void rotate_left(T (&x)[V], int r) {
+  static_assert((V & (V - 1)) == 0, "V is a power of two");
+#pragma unroll
+  for (int step = 1; step < V; step <<= 1) {
+    T y[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) y[i] = (r & step) ? x[(i + step) % V] : x[i];
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = y[i];
+  }
+}
+
 template <typename scalar_t, bool kTerms, bool kL1 = false, bool kFiltered = false>
 __global__ void __launch_bounds__(kThreads)
     feature_pass_kernel(const scalar_t* __restrict__ feat, FeaturePassArgs a,
@@ -113,12 +128,23 @@ __global__ void __launch_bounds__(kThreads)
         // (the last thread, wrapping around to [0, h), and the image's last tile). Each position
         // is loaded once either way and the slab holds the same values: the sums below do not
         // depend on the path.
+        // Bank conflicts of the staging store: thread j writes V consecutive floats at
+        // k*kTileStride + h + j*V; storing element u on every thread at once hits each bank
+        // V times over a group of 128 / (V * sizeof(acc_t)) threads (4-way for float32). Each
+        // thread stores its elements in a rotated order instead, so that in every store
+        // instruction the element's index mod V is (i + thread's group) mod V: the groups of a
+        // warp hit disjoint banks and the threads of a group consecutive ones (no conflict, also
+        // for bfloat16, where a warp spans two rows of different h, and float64's half-warps).
         constexpr int per_row = kNT / V;  // threads per channel row
         constexpr int rows_per_pass = kThreads / per_row;
+        constexpr int kGroup = 128 / (V * int(sizeof(acc_t)));  // threads whose stores span the 32 banks once
         static_assert(kThreads % per_row == 0 && kKT % rows_per_pass == 0, "whole passes");
-        // A thread's rows are rows_per_pass = 2V apart, 32 bytes times sK in memory, a multiple of
-        // 16 bytes: h is the same for all of them.
-        static_assert(rows_per_pass * sizeof(scalar_t) % 16 == 0, "one h per thread");
+        static_assert(kGroup * V * sizeof(acc_t) == 128 && per_row % kGroup == 0, "a group lies in one row");
+        static_assert(kNT % (32 * 4 / sizeof(acc_t)) == 0, "wrapping keeps the banks");
+        // A thread's rows are rows_per_pass = 2V apart: 32 bytes times sK in memory and 2V
+        // times kTileStride in the slab, multiples of 16 bytes and of V, so h and the rotation
+        // below are the same for all of them.
+        static_assert(rows_per_pass * sizeof(scalar_t) % 16 == 0 && rows_per_pass % V == 0, "one h per thread");
         const int j = t % per_row;
         const int kr = t / per_row;
         const int cnt = static_cast<int>(std::min<int64_t>(kNT, a.HW - n0));  // positions inside the image
@@ -126,6 +152,8 @@ __global__ void __launch_bounds__(kThreads)
         const int h = head_elems(row0, 0);
         const int q0 = h + j * V;
         const bool whole = q0 + V <= cnt;  // cnt <= kNT: never the wrapping thread
+        // At step i every thread stores an element whose smem index mod V is (i + lane / kGroup) mod V.
+        const int rot = (lane / kGroup - (kr * kTileStride + h)) & (V - 1);
 #pragma unroll
         for (int it = 0; it < kKT / rows_per_pass; ++it) {
           const int k = kr + it * rows_per_pass;
@@ -144,9 +172,13 @@ __global__ void __launch_bounds__(kThreads)
               x[u] = (k_ok && q < cnt) ? static_cast<acc_t>(wrapped ? src[u - kNT] : src[u]) : acc_t(0);
             }
           }
+          rotate_left(x, rot);  // x[i] now holds element (i + rot) mod V
           acc_t* dst = tile + k * kTileStride;
 #pragma unroll
-          for (int u = 0; u < V; ++u) dst[q0 + u < kNT ? q0 + u : q0 + u - kNT] = x[u];
+          for (int i = 0; i < V; ++i) {
+            const int u = (i + rot) & (V - 1);
+            dst[q0 + u < kNT ? q0 + u : q0 + u - kNT] = x[i];
+          }
         }
       } else {
         constexpr int rows_per_pass = kThreads / kNT;
