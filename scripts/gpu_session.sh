@@ -5,7 +5,7 @@
 #   bash scripts/gpu_session.sh build           # build the CUDA extension in place; print the backends
 #   bash scripts/gpu_session.sh test [ARGS]     # the paper-shape GPU tests, then the whole suite (ARGS go to pytest)
 #   bash scripts/gpu_session.sh sanitize [ARGS] # compute-sanitizer memcheck + racecheck on the CUDA ops
-#   bash scripts/gpu_session.sh bench PART      # one part of the benchmark: losses, ops or step
+#   bash scripts/gpu_session.sh bench PART      # one part of the benchmark: losses, ops, step or paths
 #
 # Every stage builds first unless a build of the same csrc/ and setup.py is there (a fresh
 # machine is bare), so the stages can run in any order, one per call. Logs and reports
@@ -114,13 +114,23 @@ case "$stage" in
     # losses: the fused losses against the reference and torch.compile(reference) (the compile
     #   goal; compile cases compile first, so they stay in this part only);
     # ops: every other op, reference vs cuda vs triton, paper shapes and small;
-    # step: the DeepLabV2-R101 training step at the paper's sizes, with and without LSR.
+    # step: the DeepLabV2-R101 training step at the paper's sizes, with and without LSR;
+    # paths: the CUDA kernels' performance paths (scripts/cuda_paths_bench.py, docs/cuda.md):
+    #   unaligned 16-byte loads at 91x161 against aligned 96x160, shared-memory accumulators
+    #   beyond 48 KB (float64, C > 32), deterministic mode without the NaN fill (about 2 minutes).
+    if [ "$part" = paths ]; then
+      shift
+      build
+      set -o pipefail
+      "$PY" scripts/cuda_paths_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench-paths.log"
+      exit
+    fi
     case "$part" in
       losses) args=(--ops losses --backends reference,compile,cuda,triton --shapes gta5,synthia,cityscapes) ;;
       ops) args=(--ops hist_downsample,pseudo_label_downsample,class_feature_stats,maxsquare_loss,regularizer
                  --backends reference,cuda,triton --shapes gta5,synthia,cityscapes,small) ;;
       step) args=(--ops train_step --backends reference,cuda,triton --step-size paper) ;;
-      *) echo "bench PART: losses, ops or step" >&2; exit 2 ;;
+      *) echo "bench PART: losses, ops, step or paths" >&2; exit 2 ;;
     esac
     shift
     build

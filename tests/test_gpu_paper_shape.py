@@ -16,6 +16,8 @@ the kernels accumulate, ``assert_rounded_close`` for gradients rounded to the in
   maps (all void, one class only, argmax ties);
 - the large-C and global-accumulator paths: features with C = 40, 300 and 1100, MaxSquare with
   C = 33 and 1100 (smaller spatial sizes);
+- float64 features (C = 19 at 91x161, C = 40 at 33x61): two-element vectors, and per-warp
+  accumulators beyond 48 KB of shared memory (docs/cuda.md says which case takes which path);
 - the LSRRegularizer step (two steps, forward + backward, default settings and the
   gta5_released preset) against the same regulariser on the reference backend;
 - tensors on ``cuda:1`` while ``cuda:0`` is current (skipped with fewer than two devices);
@@ -69,7 +71,8 @@ import lsr_fast
 from lsr_fast import reference
 from lsr_fast.cli import street_labels
 from lsr_fast.models import DeepLabV2
-from conftest import assert_accumulated_close, assert_rounded_close, feature_terms_magnitudes, unusable_reason
+from conftest import (accumulate_dtype, assert_accumulated_close, assert_rounded_close, feature_terms_magnitudes,
+                      unusable_reason)
 
 from gpu_paper_shape_inputs import *  # noqa: F401,F403  (constants, parametrisation, inputs)
 
@@ -170,7 +173,7 @@ def stats_reference(num_classes, dtype, labels_case="street"):
     grad_sums = torch.randn(sums.shape, generator=torch.Generator().manual_seed(num_classes))  # float32
     sums.backward(grad_sums.double())
     magnitude, _ = reference.class_feature_stats(features.detach().abs(), case.labels, num_classes)
-    return SimpleNamespace(sums=sums.detach().float(), counts=counts, grad_sums=grad_sums, magnitude=magnitude,
+    return SimpleNamespace(sums=sums.detach().to(accumulate_dtype(dtype)), counts=counts, grad_sums=grad_sums, magnitude=magnitude,
                            grad=features.grad.to(dtype))
 
 
@@ -318,7 +321,7 @@ def fused_reference(num_classes, dtype, form, labels_case="street"):
     weights = torch.rand(num_classes, K + 1, generator=torch.Generator().manual_seed(7))
     norm_weight = 30.0 * (case.n if relative else 1.0)  # ||f|| / |f_k| is about 30 here
     fused_objective(terms, weights, norm_weight).backward()
-    want = [t.detach() if t.dtype == torch.int64 else t.detach().float() for t in terms]
+    want = [t.detach() if t.dtype == torch.int64 else t.detach().to(accumulate_dtype(dtype)) for t in terms]
     return SimpleNamespace(terms=want, magnitudes=magnitudes, weights=weights, norm_weight=norm_weight,
                            grad=features.grad.to(dtype))
 
@@ -375,12 +378,29 @@ LARGE_OPS = ["class_feature_stats", "paper-target", "released"]
 @pytest.mark.parametrize("num_classes,op,dtype,layout,det,backend", matrix(
     [40, 300, 1100], LARGE_OPS, HALF_VARIANTS, backend_params()))
 def test_large_class_counts(num_classes, op, dtype, layout, det, backend):
-    """C = 40 (beyond one warp's 32 classes), 300 and 1100 (per-warp accumulators that outgrow
-    shared memory): features (2, 2048, 33, 61)."""
+    """C = 40 (beyond one warp's 32 classes; 8 per-warp accumulators in 57 KB of shared memory,
+    the opt-in path), 300 (2 copies in 92 KB on sm_90, 1 in 54 KB on sm_80) and 1100 (beyond the
+    shared-memory budget: accumulators in global memory): features (2, 2048, 33, 61)."""
     if op == "class_feature_stats":
         check_class_feature_stats(num_classes, dtype, layout, det, backend)
     else:
         check_feature_terms(num_classes, dtype, layout, det, backend, op)
+
+
+# ---- float64: two-element vectors, accumulators beyond 48 KB of shared memory -----------------------
+
+
+@pytest.mark.parametrize("num_classes,op,layout,det,backend", matrix(
+    [19, 40], LARGE_OPS, [("nchw", True), ("channels_last", False)], backend_params()))
+def test_float64(num_classes, op, layout, det, backend):
+    """float64 features at 91x161 (C = 19) and 33x61 (C = 40), both odd h*w: the CUDA forward's
+    per-warp accumulators take 71 KB (C = 19) and 113 KB on sm_90 / 73 KB on sm_80 (C = 40) of
+    shared memory, beyond the default 48 KB (the opt-in attribute); NCHW planes start at either
+    8-byte offset of a 16-byte vector (head, wrap and tail slots of every kernel)."""
+    if op == "class_feature_stats":
+        check_class_feature_stats(num_classes, torch.float64, layout, det, backend)
+    else:
+        check_feature_terms(num_classes, torch.float64, layout, det, backend, op)
 
 
 # ---- maxsquare_loss -------------------------------------------------------------------------------

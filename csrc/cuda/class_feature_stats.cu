@@ -23,8 +23,9 @@ std::tuple<at::Tensor, at::Tensor> class_feature_stats_cuda(const at::Tensor& fe
   const int64_t K = features.size(1);
   const auto acc = accumulate_type(features.scalar_type());
   const bool det = deterministic();
-  // The deterministic path writes every element of sums; the atomic one adds into zeros.
-  at::Tensor sums = det ? at::empty({num_classes, K}, features.options().dtype(acc))
+  // The deterministic path writes every element of sums (no NaN fill needed); the atomic one
+  // adds into zeros.
+  at::Tensor sums = det ? empty_written({num_classes, K}, features.options().dtype(acc))
                         : at::zeros({num_classes, K}, features.options().dtype(acc));
   at::Tensor counts = at::zeros({num_classes}, features.options().dtype(at::kLong));
   const int64_t positions =

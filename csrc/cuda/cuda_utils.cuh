@@ -9,11 +9,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <optional>
 
 #include "arg_checks.h"
@@ -33,7 +37,7 @@ namespace cuda {
 // Every kernel runs 256 threads = 8 warps per block.
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Dynamic shared memory a block may use without the opt-in attribute.
+// Dynamic shared memory a block may use without the opt-in attribute (see smem_budget).
 constexpr int64_t kSmemBudget = 48 * 1024;
 // Upper bound of the global-memory scratch of the large-C fallbacks.
 constexpr int64_t kScratchBytes = int64_t(256) << 20;
@@ -48,6 +52,64 @@ inline int sm_count(const at::Tensor& t) {
 }
 
 inline bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
+
+// ---- shared memory beyond 48 KB -------------------------------------------------------------
+// The dynamic shared memory per block a plan may use on `device`: the opt-in maximum (163 KB on
+// sm_80, 227 KB on sm_90), but at most half of an SM's shared memory less the per-block
+// reservation (81 KB on sm_80, 113 KB on sm_90), so that two blocks stay resident per SM and one
+// block's loads overlap the other's shared-memory phase; never below the default 48 KB.
+inline int64_t smem_budget(int device) {
+  int optin = 0, per_sm = 0, reserved = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  return std::max<int64_t>(kSmemBudget, std::min<int64_t>(optin, per_sm / 2 - reserved));
+}
+
+// Lets one kernel launch with up to smem_budget() bytes of dynamic shared memory on the current
+// device: beyond 48 KB a launch fails unless cudaFuncAttributeMaxDynamicSharedMemorySize allows
+// it, and the occupancy calculator counts 0 blocks. The attribute belongs to the kernel on one
+// device, so it is set once per device (std::call_once: any thread may launch; a failed call is
+// retried). Keep one instance per kernel instantiation: a static local of the function template
+// that plans its launches. Kernels using this must have no static shared memory.
+class SmemOptIn {
+ public:
+  template <typename Kernel>
+  int64_t enable(Kernel* kernel) {
+    const int device = c10::cuda::current_device();
+    TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "lsr_fast: CUDA device index ", device,
+                " out of range");
+    const int64_t budget = smem_budget(device);
+    std::call_once(once_[device], [&] {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(budget)));
+    });
+    return budget;
+  }
+
+ private:
+  std::once_flag once_[C10_COMPILE_TIME_MAX_GPUS];
+};
+
+// ---- fresh buffers that a kernel writes in full ----------------------------------------------
+// at::empty / empty_like fill new memory with NaN (integers: their maximum) while
+// torch.use_deterministic_algorithms(True) and torch.utils.deterministic.fill_uninitialized_memory
+// (default True) are on: a debugging aid that costs one more write of the buffer (a 120 MB
+// gradient at the paper's shape). Buffers whose every element a kernel writes before anything
+// reads it are allocated with at::detail::empty_cuda, the allocation behind at::empty without
+// the fill. Each use says why every element is written; anything else keeps at::empty/zeros.
+inline at::Tensor empty_written(at::IntArrayRef size, const at::TensorOptions& options) {
+  return at::Tensor(at::detail::empty_cuda(size, options));
+}
+
+// As at::empty_like(t) (preserve_format: t's strides when t is dense, else the contiguous tensor
+// of t's suggested memory format), without the fill.
+inline at::Tensor empty_like_written(const at::Tensor& t) {
+  if (t.is_non_overlapping_and_dense()) {
+    return at::Tensor(at::detail::empty_strided_cuda(t.sizes(), t.strides(), t.options()));
+  }
+  return at::Tensor(at::detail::empty_cuda(t.sizes(), t.options().memory_format(t.suggest_memory_format())));
+}
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
@@ -215,6 +277,10 @@ __device__ __forceinline__ bool beats(T v, T best) {
 
 // ---- vector loads -------------------------------------------------------------------------
 // 16-byte loads of V = 16 / sizeof(scalar_t) elements; callers check the alignment.
+// NCHW planes of an odd h*w (91x161) start at every alignment, so the kernels do not require
+// aligned planes: they find each plane's first 16-byte boundary (head_elems) and load whole
+// vectors from there, the few elements outside whole vectors one by one (feature_pass.cuh,
+// feature_common.cuh's LaneSlots).
 template <typename scalar_t>
 struct Vec16 {
   static constexpr int kSize = 16 / sizeof(scalar_t);
@@ -238,6 +304,18 @@ __device__ __forceinline__ void store_vec16(scalar_t* p, const Vec16<scalar_t>& 
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Whether p is aligned to its element size (true of every tensor; checked before relying on it).
+template <typename scalar_t>
+inline bool aligned_elem(const scalar_t* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(scalar_t) == 0; }
+
+// Elements from base + offset to the next 16-byte boundary (0 when aligned), for an element-aligned
+// base. Integer arithmetic: the address need not be dereferenceable.
+template <typename scalar_t>
+__device__ __forceinline__ int head_elems(const scalar_t* base, int64_t offset) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(offset) * sizeof(scalar_t);
+  return static_cast<int>(((16u - (addr & 15u)) & 15u) / sizeof(scalar_t));
+}
 
 // ---- feature layouts ----------------------------------------------------------------------
 // Features (B, K, h, w) or rows (N, K) seen as element (b, k, n) at b*sB + k*sK + n*sN, with
@@ -299,9 +377,11 @@ struct BackwardTensors {
   FeatureLayout layout;
 };
 
+// out and work are written in full (the kernel writes every element of work; out is work or gets
+// a copy of it), so they skip the deterministic NaN fill.
 inline BackwardTensors backward_tensors(const at::Tensor& features, bool merge_batch = true) {
   BackwardTensors r;
-  r.out = at::empty_like(features);
+  r.out = empty_like_written(features);
   at::Tensor f = features.is_non_overlapping_and_dense() ? features
                                                           : features.contiguous(features.suggest_memory_format());
   auto layout = feature_layout(f, merge_batch);
@@ -311,7 +391,7 @@ inline BackwardTensors backward_tensors(const at::Tensor& features, bool merge_b
     r.layout = *layout;
   } else {
     r.f = features.contiguous();
-    r.work = at::empty_like(r.f);
+    r.work = empty_like_written(r.f);
     r.layout = *feature_layout(r.f, merge_batch);
   }
   return r;

@@ -2,14 +2,16 @@
 // (forward in feature_pass.cuh, shared pieces in feature_common.cuh).
 //
 // Backward (feature_backward_kernel): a gather (class_feature_stats) or the fused gradient of
-// feature_terms. NCHW: a block owns 32*V consecutive positions (V per lane, vectorised when
-// aligned) and its 8 warps split the channels; the per-position norm is reduced over the warps
+// feature_terms. NCHW: a block owns 32*V consecutive positions (V per lane: the lane slots of
+// feature_common.cuh, 16-byte accesses for any h*w) and its 8 warps split the channels; the
+// per-position norm is reduced over the warps
 // in a fixed order, then the block re-reads its positions (an L1/L2 hit: the block's slab was
 // read moments before) and writes the gradient. Channels-last / rows: a warp owns a position,
 // lanes split the channels, the norm is a shuffle-tree reduction. All fixed-order:
 // deterministic in every mode. kFiltered adds the channel sum and maximum to the first sweep
 // (m by exactly the loops and order of vector_mean_kernel, so the forward's m is reproduced
-// bit for bit when both see the same layout and alignment) and one more sweep over the same
+// bit for bit when both see the same layout: NCHW at any alignment, channels-last when both
+// take the same kVec) and one more sweep over the same
 // positions for ||f~|| (another cache re-read) before the gradient sweep; no extra buffer.
 #pragma once
 
@@ -85,28 +87,31 @@ __global__ void __launch_bounds__(kThreads)
 
   if (pos_major) {
     // A block owns 32*V consecutive positions of one image; warp w takes channels w, w+8, ...
+    // Lane slots (feature_common.cuh): whole 16-byte accesses for any h*w when kVec.
     constexpr int kPos = 32 * V;
     const int64_t groups_per_image = (a.HW + kPos - 1) / kPos;
     const int64_t groups = (a.N / a.HW) * groups_per_image;
     for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
       const int64_t b = grp / groups_per_image;
-      const int64_t n0 = (grp % groups_per_image) * kPos + lane * V;
-      const scalar_t* fb = feat + b * a.sB + n0;
-      scalar_t* ob = out + b * a.sB + n0;
+      const int64_t G = (grp % groups_per_image) * kPos;
+      const int64_t plane0 = b * a.sB + G;  // position G of channel 0
+      // The gradient's addresses define the slots; the host checked that the features' agree mod 16.
+      const LaneSlots<V> sl = lane_slots<V>(out, plane0 + warp * a.sK, a.HW - G);
+      const scalar_t* fb = feat + plane0;
+      scalar_t* ob = out + plane0;
       int cls[V];
       acc_t coef[V], two_gq[V];
       acc_t coef_f[V], thr[V];  // kFiltered: the coefficient of f~ and the threshold m
+      const bool any_valid = sl.any();
 #pragma unroll
       for (int u = 0; u < V; ++u) {
-        const int64_t n = n0 + u;
-        cls[u] = n < a.HW ? class_of(load_label(a.labels, a.label_kind, b * a.HW + n), a.ignore_index, a.C) : -1;
+        const int64_t n = G + sl.pos(u);
+        cls[u] = sl.valid(u) ? class_of(load_label(a.labels, a.label_kind, b * a.HW + n), a.ignore_index, a.C) : -1;
         coef[u] = acc_t(0);
         coef_f[u] = acc_t(0);
         thr[u] = acc_t(0);
         two_gq[u] = (kTerms && cls[u] >= 0) ? dist_scale<kL1>(grad_sq[cls[u]]) : acc_t(0);
       }
-      // With kVec, HW % V == 0: the lane's V positions are all valid or all past the end.
-      const bool any_valid = n0 < a.HW;
       if constexpr (kTerms) {
         acc_t s[V], tot[V], mx[V];
 #pragma unroll
@@ -117,45 +122,37 @@ __global__ void __launch_bounds__(kThreads)
         }
         if (any_valid) {
           for (int k = warp; k < K; k += kWarps) {
-            if constexpr (kVec) {
-              const Vec16<scalar_t> v = load_vec16(fb + k * a.sK);
+            acc_t x[V];
+            load_slots(fb + k * a.sK, sl, x);
 #pragma unroll
-              for (int u = 0; u < V; ++u) {
-                const acc_t x = static_cast<acc_t>(v.v[u]);
-                s[u] += x * x;
-                if constexpr (kFiltered) {
-                  tot[u] += x;
-                  mx[u] = max_keep(mx[u], x);
-                }
-              }
-            } else {
-              const acc_t x = static_cast<acc_t>(fb[k * a.sK]);
-              s[0] += x * x;
+            for (int u = 0; u < V; ++u) {
+              s[u] += x[u] * x[u];
               if constexpr (kFiltered) {
-                tot[0] += x;
-                mx[0] = max_keep(mx[0], x);
+                tot[u] += x[u];
+                mx[u] = max_keep(mx[u], x[u]);
               }
             }
           }
         }
 #pragma unroll
         for (int u = 0; u < V; ++u) {
-          red[warp * kPos + lane * V + u] = s[u];
+          red[warp * kPos + sl.pos(u)] = s[u];
           if constexpr (kFiltered) {
-            red[(kWarps + warp) * kPos + lane * V + u] = tot[u];
-            red[(2 * kWarps + warp) * kPos + lane * V + u] = mx[u];
+            red[(kWarps + warp) * kPos + sl.pos(u)] = tot[u];
+            red[(2 * kWarps + warp) * kPos + sl.pos(u)] = mx[u];
           }
         }
         __syncthreads();
 #pragma unroll
         for (int u = 0; u < V; ++u) {
+          const int q = sl.pos(u);
           acc_t sq = acc_t(0);
-          for (int w = 0; w < kWarps; ++w) sq += red[w * kPos + lane * V + u];  // warp order
+          for (int w = 0; w < kWarps; ++w) sq += red[w * kPos + q];  // warp order
           if constexpr (kFiltered) {
             acc_t t = acc_t(0), m = kNegInf;
             for (int w = 0; w < kWarps; ++w) {  // as vector_mean_kernel
-              t += red[(kWarps + w) * kPos + lane * V + u];
-              m = max_keep(m, red[(2 * kWarps + w) * kPos + lane * V + u]);
+              t += red[(kWarps + w) * kPos + q];
+              m = max_keep(m, red[(2 * kWarps + w) * kPos + q]);
             }
             thr[u] = filter_threshold(t, m, K);
             coef[u] = norm_coefficient(sq, r, acc_t(0), g_norm, a.norm_mode);  // norm_sum: unfiltered
@@ -170,26 +167,21 @@ __global__ void __launch_bounds__(kThreads)
           for (int u = 0; u < V; ++u) s[u] = acc_t(0);
           if (any_valid) {
             for (int k = warp; k < K; k += kWarps) {
-              if constexpr (kVec) {
-                const Vec16<scalar_t> v = load_vec16(fb + k * a.sK);
+              acc_t x[V];
+              load_slots(fb + k * a.sK, sl, x);
 #pragma unroll
-                for (int u = 0; u < V; ++u) {
-                  const acc_t x = static_cast<acc_t>(v.v[u]);
-                  if (x >= thr[u]) s[u] += x * x;
-                }
-              } else {
-                const acc_t x = static_cast<acc_t>(fb[k * a.sK]);
-                if (x >= thr[0]) s[0] += x * x;
+              for (int u = 0; u < V; ++u) {
+                if (x[u] >= thr[u]) s[u] += x[u] * x[u];
               }
             }
           }
 #pragma unroll
-          for (int u = 0; u < V; ++u) red[warp * kPos + lane * V + u] = s[u];
+          for (int u = 0; u < V; ++u) red[warp * kPos + sl.pos(u)] = s[u];
           __syncthreads();
 #pragma unroll
           for (int u = 0; u < V; ++u) {
             acc_t sq = acc_t(0);
-            for (int w = 0; w < kWarps; ++w) sq += red[w * kPos + lane * V + u];  // warp order
+            for (int w = 0; w < kWarps; ++w) sq += red[w * kPos + sl.pos(u)];  // warp order
             coef_f[u] = norm_coefficient(sq, r, g_loss, acc_t(0), a.norm_mode);  // norm_loss_sum: filtered
           }
           __syncthreads();
@@ -198,15 +190,7 @@ __global__ void __launch_bounds__(kThreads)
       if (!any_valid) continue;
       for (int k = warp; k < K; k += kWarps) {
         acc_t x[V];
-        if constexpr (kTerms) {
-          if constexpr (kVec) {
-            const Vec16<scalar_t> v = load_vec16(fb + k * a.sK);
-#pragma unroll
-            for (int u = 0; u < V; ++u) x[u] = static_cast<acc_t>(v.v[u]);
-          } else {
-            x[0] = static_cast<acc_t>(fb[k * a.sK]);
-          }
-        }
+        if constexpr (kTerms) load_slots(fb + k * a.sK, sl, x);
         acc_t gv[V];
 #pragma unroll
         for (int u = 0; u < V; ++u) {
@@ -224,14 +208,7 @@ __global__ void __launch_bounds__(kThreads)
           }
           gv[u] = g;
         }
-        if constexpr (kVec) {
-          Vec16<scalar_t> o;
-#pragma unroll
-          for (int u = 0; u < V; ++u) o.v[u] = static_cast<scalar_t>(gv[u]);
-          store_vec16(ob + k * a.sK, o);
-        } else {
-          ob[k * a.sK] = static_cast<scalar_t>(gv[0]);
-        }
+        store_slots(ob + k * a.sK, sl, gv);
       }
     }
   } else {
@@ -360,8 +337,7 @@ inline void run_feature_backward(const at::Tensor& f, at::Tensor& out, const Fea
   BackwardArgs a{L.HW, L.B * L.HW, L.sB, L.sK, L.sN, static_cast<int>(L.K), static_cast<int>(C),
                  lab.tensor.const_data_ptr(), lab.kind, ignore_index, norm_mode};
   const bool pos_major = position_major(L);
-  const bool vec = aligned16(out.const_data_ptr()) && (!kTerms || aligned16(f.const_data_ptr())) &&
-                   vec16_layout<scalar_t>(L);
+  const bool vec = vec16_path<scalar_t>(L, out.const_data_ptr<scalar_t>(), kTerms ? f.const_data_ptr<scalar_t>() : nullptr);
   int64_t work;  // blocks of work
   if (pos_major) {
     work = L.B * ceil_div(L.HW, int64_t(32) * (vec ? V : 1));

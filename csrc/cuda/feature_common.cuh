@@ -86,14 +86,104 @@ struct BackwardArgs {
   int norm_mode;
 };
 
-// Whether 16-byte accesses along the unit-stride dimension fit the layout (the pointers'
-// alignment is checked by the callers).
+// Whether the position-owning kernels take their 16-byte path (kVec) for tensors of layout L at
+// p and q (q: nullptr, or a second tensor of the same strides accessed at the same positions, the
+// features the backward reads beside the gradient p). NCHW: for any h*w and strides (LaneSlots
+// below), given element-aligned pointers at the same address mod 16 (the slots p defines serve q).
+// Channels-last / rows: when both pointers, K and the strides keep every vector aligned.
 template <typename scalar_t>
-inline bool vec16_layout(const FeatureLayout& L) {
+inline bool vec16_path(const FeatureLayout& L, const scalar_t* p, const scalar_t* q) {
   constexpr int V = Vec16<scalar_t>::kSize;
+  if (position_major(L)) {
+    return aligned_elem(p) &&
+           (q == nullptr || (reinterpret_cast<uintptr_t>(q) - reinterpret_cast<uintptr_t>(p)) % 16 == 0);
+  }
   const bool batch_ok = L.B == 1 || L.sB % V == 0;
-  return batch_ok &&
-         (position_major(L) ? (L.HW % V == 0 && L.sK % V == 0) : (L.sK == 1 && L.K % V == 0 && L.sN % V == 0));
+  return aligned16(p) && (q == nullptr || aligned16(q)) && batch_ok && L.sK == 1 && L.K % V == 0 && L.sN % V == 0;
+}
+
+// ---- NCHW position-owning kernels: the positions a lane holds --------------------------------
+// vector_mean_kernel and feature_backward_kernel give a block kPos = 32*V consecutive positions
+// [G, G + kPos) of one image, and warp w reads the channels w, w + 8, ... All planes of one warp
+// share one alignment: its channels are 8*sK elements apart, a multiple of 16 bytes
+// (8 * sizeof(scalar_t) >= 16). So each warp shifts its lanes by d, the elements from position G of
+// its first plane to the next 16-byte boundary: lane j holds the group-local positions
+// (d + j*V + u) mod kPos, u < V. Lanes 0..30 (and 31 when d == 0) hold V contiguous, aligned
+// positions: one 16-byte access per channel while they are all inside the image. Lane 31 wraps
+// around to [0, d), and slots past the image's end are read and written one by one (past the end:
+// not at all). Chosen over a scalar head and tail per plane because a lane must hold the same
+// positions in every channel (its norms are summed over channels), and the head size changes from
+// plane to plane. A position's sums still run over its warp's channels in order and then over the
+// warps in order, whichever lane holds it and however it is loaded: results do not depend on d,
+// nor on the vector path (bit for bit those of kVec = false).
+template <int V>
+struct LaneSlots {
+  static constexpr int kPos = 32 * V;
+  int q0;     // group-local position of slot 0: d + lane * V
+  int limit;  // positions of the group inside the image: min(kPos, HW - G)
+  bool vec;   // the V slots are contiguous, 16-byte aligned and inside the image
+
+  __device__ __forceinline__ int pos(int u) const {
+    const int q = q0 + u;
+    return q >= kPos ? q - kPos : q;
+  }
+  __device__ __forceinline__ bool valid(int u) const { return pos(u) < limit; }
+  // Any slot inside the image: slot 0 (the first of unwrapped slots), or a slot that wrapped to
+  // position 0 (limit >= 1).
+  __device__ __forceinline__ bool any() const { return q0 < limit || q0 + V > kPos; }
+};
+
+// The slots of the calling lane. base + offset: this warp's first channel plane at position G
+// (base element-aligned: only the address is used); remaining = HW - G > 0.
+template <int V, typename scalar_t>
+__device__ __forceinline__ LaneSlots<V> lane_slots(const scalar_t* base, int64_t offset, int64_t remaining) {
+  static_assert(V == 1 || V == Vec16<scalar_t>::kSize, "V is 1 or the 16-byte vector width");
+  static_assert(kWarps * sizeof(scalar_t) % 16 == 0, "a warp's planes must share their alignment");
+  LaneSlots<V> s;
+  const int d = V > 1 ? head_elems(base, offset) : 0;
+  s.q0 = d + lane_id() * V;
+  s.limit = static_cast<int>(remaining < LaneSlots<V>::kPos ? remaining : LaneSlots<V>::kPos);
+  s.vec = V > 1 && s.q0 + V <= s.limit;  // excludes lane 31 when d > 0 (q0 + V > kPos >= limit)
+  return s;
+}
+
+// x[u] = the feature at slot u of a channel plane (p: the plane at position G), 0 outside the image.
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_slots(const scalar_t* p, const LaneSlots<V>& s, acc_t (&x)[V]) {
+  if constexpr (V > 1) {
+    if (s.vec) {
+      const Vec16<scalar_t> v = load_vec16(p + s.q0);
+#pragma unroll
+      for (int u = 0; u < V; ++u) x[u] = static_cast<acc_t>(v.v[u]);
+      return;
+    }
+  }
+  // One base address and constant offsets (u, or u - kPos once wrapped): few registers.
+  const scalar_t* slot0 = p + s.q0;
+#pragma unroll
+  for (int u = 0; u < V; ++u) {
+    const bool wrapped = s.q0 + u >= LaneSlots<V>::kPos;
+    x[u] = s.valid(u) ? static_cast<acc_t>(wrapped ? slot0[u - LaneSlots<V>::kPos] : slot0[u]) : acc_t(0);
+  }
+}
+
+// Writes g[u] to slot u of a channel plane (p: the plane at position G), inside the image only.
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_slots(scalar_t* p, const LaneSlots<V>& s, const acc_t (&g)[V]) {
+  if constexpr (V > 1) {
+    if (s.vec) {
+      Vec16<scalar_t> o;
+#pragma unroll
+      for (int u = 0; u < V; ++u) o.v[u] = static_cast<scalar_t>(g[u]);
+      store_vec16(p + s.q0, o);
+      return;
+    }
+  }
+  scalar_t* slot0 = p + s.q0;
+#pragma unroll
+  for (int u = 0; u < V; ++u) {
+    if (s.valid(u)) (s.q0 + u >= LaneSlots<V>::kPos ? slot0[u - LaneSlots<V>::kPos] : slot0[u]) = static_cast<scalar_t>(g[u]);
+  }
 }
 
 }  // namespace cuda

@@ -7,9 +7,10 @@
 //     them in block order. Deterministic: fixed orders throughout, atomics only on integers.
 //   - vector_mean_kernel (kFiltered only): the filtered-mean pre-pass, m per position. It runs
 //     before the pass because the pass splits K over blocks, so no block sees all K channels of
-//     a position. NCHW: a block owns 32*V positions and its warps split the channels; otherwise a
-//     warp owns a position, lanes split the channels (as the backward's first sweep); fixed
-//     loop and reduction order, no atomics, so the backward reproduces m bit for bit.
+//     a position. NCHW: a block owns 32*V positions (lane slots, feature_common.cuh) and its
+//     warps split the channels; otherwise a warp owns a position, lanes split the channels (as
+//     the backward's first sweep); fixed loop and reduction order, no atomics, so the backward
+//     reproduces m bit for bit.
 // See feature_common.cuh for the kFiltered switch and its cost.
 #pragma once
 
@@ -125,48 +126,44 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t groups = (a.N / a.HW) * groups_per_image;
     for (int64_t grp = blockIdx.x; grp < groups; grp += gridDim.x) {
       const int64_t b = grp / groups_per_image;
-      const int64_t n0 = (grp % groups_per_image) * kPos + lane * V;
-      const scalar_t* fb = feat + b * a.sB + n0;
+      const int64_t G = (grp % groups_per_image) * kPos;
+      const int64_t plane0 = b * a.sB + G;  // position G of channel 0
+      const LaneSlots<V> sl = lane_slots<V>(feat, plane0 + warp * a.sK, a.HW - G);
+      const scalar_t* fb = feat + plane0;
       acc_t tot[V], mx[V];
 #pragma unroll
       for (int u = 0; u < V; ++u) {
         tot[u] = acc_t(0);
         mx[u] = kNegInf;
       }
-      if (n0 < a.HW) {  // with kVec, HW % V == 0: all V positions valid or none
+      if (sl.any()) {
         for (int k = warp; k < K; k += kWarps) {
-          if constexpr (kVec) {
-            const Vec16<scalar_t> v = load_vec16(fb + k * a.sK);
+          acc_t x[V];
+          load_slots(fb + k * a.sK, sl, x);
 #pragma unroll
-            for (int u = 0; u < V; ++u) {
-              const acc_t x = static_cast<acc_t>(v.v[u]);
-              tot[u] += x;
-              mx[u] = max_keep(mx[u], x);
-            }
-          } else {
-            const acc_t x = static_cast<acc_t>(fb[k * a.sK]);
-            tot[0] += x;
-            mx[0] = max_keep(mx[0], x);
+          for (int u = 0; u < V; ++u) {
+            tot[u] += x[u];
+            mx[u] = max_keep(mx[u], x[u]);
           }
         }
       }
 #pragma unroll
       for (int u = 0; u < V; ++u) {
-        red[warp * kPos + lane * V + u] = tot[u];
-        red[(kWarps + warp) * kPos + lane * V + u] = mx[u];
+        red[warp * kPos + sl.pos(u)] = tot[u];
+        red[(kWarps + warp) * kPos + sl.pos(u)] = mx[u];
       }
       __syncthreads();
-      if (warp == 0) {
+      if (warp == 0) {  // warp 0's slots cover the group once, as every warp's do
 #pragma unroll
         for (int u = 0; u < V; ++u) {
-          const int64_t n = n0 + u;
-          if (n < a.HW) {
+          if (sl.valid(u)) {
+            const int q = sl.pos(u);
             acc_t t = acc_t(0), m = kNegInf;
             for (int w = 0; w < kWarps; ++w) {  // warp order
-              t += red[w * kPos + lane * V + u];
-              m = max_keep(m, red[(kWarps + w) * kPos + lane * V + u]);
+              t += red[w * kPos + q];
+              m = max_keep(m, red[(kWarps + w) * kPos + q]);
             }
-            mean[b * a.HW + n] = filter_threshold(t, m, K);
+            mean[b * a.HW + G + q] = filter_threshold(t, m, K);
           }
         }
       }
@@ -211,8 +208,9 @@ inline void run_vector_mean(const at::Tensor& f, const FeatureLayout& L, at::opm
   TORCH_CHECK(L.K < (int64_t(1) << 31), "lsr_fast: the feature width K must be < 2^31, got ", L.K);
   BackwardArgs a{L.HW, L.B * L.HW, L.sB, L.sK, L.sN, static_cast<int>(L.K), 0, nullptr, 0, 0, 0};
   const bool pos_major = position_major(L);
-  // As run_feature_backward decides (its gradient tensor is freshly allocated, hence aligned).
-  const bool vec = aligned16(f.const_data_ptr()) && vec16_layout<scalar_t>(L);
+  // As run_feature_backward decides (its gradient tensor is freshly allocated, hence aligned):
+  // channels-last sums depend on kVec; NCHW ones do not.
+  const bool vec = vec16_path<scalar_t>(L, f.const_data_ptr<scalar_t>(), nullptr);
   const int64_t work = pos_major ? L.B * ceil_div(L.HW, int64_t(32) * (vec ? V : 1)) : ceil_div(L.B * L.HW, kWarps);
   const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(work, int64_t(sms) * 16)));
   const scalar_t* fp = f.const_data_ptr<scalar_t>();

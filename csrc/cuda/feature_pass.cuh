@@ -7,10 +7,12 @@
 // range of position tiles (kNT = 128 positions of one image). For each position tile it stages
 // the [32 x 128] slab in shared memory, loaded coalesced along the unit-stride dimension
 // (positions for NCHW, channels for channels_last and (N, K) rows) with 16-byte vector loads
-// when the strides and the pointer allow, and the 128 labels. Then
+// (NCHW: for any h*w, from each row's first 16-byte boundary; channels-last: when K and the
+// strides allow), and the 128 labels. Then
 //   - class sums: warp w takes 128/S consecutive positions, lane = channel; runs of equal labels
 //     are summed in a register and added to the warp's private (C x 32) accumulator, so no
-//     atomics and a fixed summation order inside the block;
+//     atomics and a fixed summation order inside the block (S copies in shared memory, as many
+//     as smem_budget() holds, up to 8; global memory when not even one fits);
 //   - (feature_terms) per-position partial |f|^2 and |f - p_c|^2 over the 32 channels, two
 //     threads per position, written to pos_partial[ktile][2][N] (no atomics).
 // At the end the warp accumulators are summed in warp order and the block's (C x 32) slice is
@@ -49,6 +51,21 @@ struct FeaturePassArgs {
   int64_t total_tiles;
   int acc_copies;  // S in {1, 2, 4, 8}: per-warp accumulators in shared memory; 0: kWarps in global scratch
 };
+
+// x[i] <- x[(i + r) mod V] for a run-time r: a barrel rotator (log2(V) steps of V selects) with
+// compile-time register indices, so x stays in registers (x[r] would spill it to local memory).
+template <typename T, int V>
+__device__ __forceinline__ void rotate_left(T (&x)[V], int r) {
+  static_assert((V & (V - 1)) == 0, "V is a power of two");
+#pragma unroll
+  for (int step = 1; step < V; step <<= 1) {
+    T y[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) y[i] = (r & step) ? x[(i + step) % V] : x[i];
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = y[i];
+  }
+}
 
 template <typename scalar_t, bool kTerms, bool kL1 = false, bool kFiltered = false>
 __global__ void __launch_bounds__(kThreads)
@@ -103,26 +120,64 @@ __global__ void __launch_bounds__(kThreads)
     // its position (or channel) fixed and strides over the other dimension in a fully unrolled
     // loop, so all of its loads are in flight at once.
     if (a.pos_major) {
-      if (a.vec) {  // V consecutive positions per load; HW % V == 0 so a vector is all in or all out
-        constexpr int per_row = kNT / V;                  // vectors per channel row
+      if (a.vec) {
+        // 16-byte loads for any h*w: a channel row (kNT positions from n0) starts h elements
+        // before a 16-byte boundary, h from the row's own address (planes of an odd h*w start at
+        // every alignment). Thread j of the row takes positions (h + j*V + u) mod kNT, u < V:
+        // one aligned vector when they are contiguous and inside the image, else V scalar loads
+        // (the last thread, wrapping around to [0, h), and the image's last tile). Each position
+        // is loaded once either way and the slab holds the same values: the sums below do not
+        // depend on the path.
+        // Bank conflicts of the staging store: thread j writes V consecutive floats at
+        // k*kTileStride + h + j*V; storing element u on every thread at once hits each bank
+        // V times over a group of 128 / (V * sizeof(acc_t)) threads (4-way for float32). Each
+        // thread stores its elements in a rotated order instead, so that in every store
+        // instruction the element's index mod V is (i + thread's group) mod V: the groups of a
+        // warp hit disjoint banks and the threads of a group consecutive ones (no conflict, also
+        // for bfloat16, where a warp spans two rows of different h, and float64's half-warps).
+        constexpr int per_row = kNT / V;  // threads per channel row
         constexpr int rows_per_pass = kThreads / per_row;
+        constexpr int kGroup = 128 / (V * int(sizeof(acc_t)));  // threads whose stores span the 32 banks once
         static_assert(kThreads % per_row == 0 && kKT % rows_per_pass == 0, "whole passes");
-        const int nl = (t % per_row) * V;
+        static_assert(kGroup * V * sizeof(acc_t) == 128 && per_row % kGroup == 0, "a group lies in one row");
+        static_assert(kNT % (32 * 4 / sizeof(acc_t)) == 0, "wrapping keeps the banks");
+        // A thread's rows are rows_per_pass = 2V apart: 32 bytes times sK in memory and 2V
+        // times kTileStride in the slab, multiples of 16 bytes and of V, so h and the rotation
+        // below are the same for all of them.
+        static_assert(rows_per_pass * sizeof(scalar_t) % 16 == 0 && rows_per_pass % V == 0, "one h per thread");
+        const int j = t % per_row;
         const int kr = t / per_row;
-        const int64_t n = n0 + nl;
-        const bool n_ok = n < a.HW;
+        const int cnt = static_cast<int>(std::min<int64_t>(kNT, a.HW - n0));  // positions inside the image
+        const scalar_t* row0 = fb + static_cast<int64_t>(k0 + kr) * a.sK + n0;  // the thread's first row
+        const int h = head_elems(row0, 0);
+        const int q0 = h + j * V;
+        const bool whole = q0 + V <= cnt;  // cnt <= kNT: never the wrapping thread
+        // At step i every thread stores an element whose smem index mod V is (i + lane / kGroup) mod V.
+        const int rot = (lane / kGroup - (kr * kTileStride + h)) & (V - 1);
 #pragma unroll
         for (int it = 0; it < kKT / rows_per_pass; ++it) {
           const int k = kr + it * rows_per_pass;
-          const int kg = k0 + k;
-          acc_t* dst = tile + k * kTileStride + nl;
-          if (n_ok && kg < K) {
-            const Vec16<scalar_t> v = load_vec16(fb + kg * a.sK + n);
+          const bool k_ok = k0 + k < K;
+          const scalar_t* src = row0 + static_cast<int64_t>(it * rows_per_pass) * a.sK + q0;  // slot 0
+          acc_t x[V];
+          if (k_ok && whole) {
+            const Vec16<scalar_t> v = load_vec16(src);
 #pragma unroll
-            for (int u = 0; u < V; ++u) dst[u] = static_cast<acc_t>(v.v[u]);
+            for (int u = 0; u < V; ++u) x[u] = static_cast<acc_t>(v.v[u]);
           } else {
 #pragma unroll
-            for (int u = 0; u < V; ++u) dst[u] = acc_t(0);
+            for (int u = 0; u < V; ++u) {
+              const bool wrapped = q0 + u >= kNT;
+              const int q = wrapped ? q0 + u - kNT : q0 + u;
+              x[u] = (k_ok && q < cnt) ? static_cast<acc_t>(wrapped ? src[u - kNT] : src[u]) : acc_t(0);
+            }
+          }
+          rotate_left(x, rot);  // x[i] now holds element (i + rot) mod V
+          acc_t* dst = tile + k * kTileStride;
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const int u = (i + rot) & (V - 1);
+            dst[q0 + u < kNT ? q0 + u : q0 + u - kNT] = x[i];
           }
         }
       } else {
@@ -282,9 +337,10 @@ inline FeaturePassPlan plan_feature_pass(const at::Tensor& f, const FeatureLayou
   a.K = static_cast<int>(L.K);
   a.C = static_cast<int>(C);
   a.pos_major = position_major(L);
+  // NCHW: rows of any h*w and alignment (see the staging); channels-last: aligned channel vectors.
   const bool batch_ok = L.B == 1 || L.sB % V == 0;
-  a.vec = aligned16(f.const_data_ptr()) && batch_ok &&
-          (a.pos_major ? (L.HW % V == 0 && L.sK % V == 0) : (L.sK == 1 && L.K % V == 0 && L.sN % V == 0));
+  a.vec = a.pos_major ? aligned_elem(f.const_data_ptr<scalar_t>())
+                      : (aligned16(f.const_data_ptr()) && batch_ok && L.sK == 1 && L.K % V == 0 && L.sN % V == 0);
   a.labels = lab.tensor.const_data_ptr();
   a.label_kind = lab.kind;
   a.ignore_index = ignore_index;
@@ -294,8 +350,14 @@ inline FeaturePassPlan plan_feature_pass(const at::Tensor& f, const FeatureLayou
   a.total_tiles = L.B * a.tiles_per_image;
   const int64_t fixed = int64_t(kKT) * kTileStride * int64_t(sizeof(acc_t)) + kNT * int64_t(sizeof(int));
   const int64_t per_copy = C * kKT * int64_t(sizeof(acc_t));
+  // As many per-warp accumulator copies as the budget holds: beyond 48 KB (float64, or C >= 32)
+  // with the opt-in attribute, so that the class-sum phase keeps all 8 warps busy where it fits
+  // (float64 C = 19: 71 KB; float32 C = 40: 57 KB; float32 C = 300: 2 copies in 92 KB on sm_90,
+  // 1 in 54 KB on sm_80, instead of the global-memory accumulators).
+  static SmemOptIn opt_in;  // one per instantiation of the kernel
+  const int64_t budget = opt_in.enable(feature_pass_kernel<scalar_t, kTerms, kL1, kFiltered>);
   int S = kWarps;
-  while (S > 0 && fixed + S * per_copy > kSmemBudget) S /= 2;
+  while (S > 0 && fixed + S * per_copy > budget) S /= 2;
   a.acc_copies = S;
   plan.smem = static_cast<size_t>(fixed + S * per_copy);
   // Blocks take equal static shares of the position tiles, so the grid should be one wave:
@@ -327,12 +389,14 @@ inline void run_feature_pass(const FeaturePassPlan& plan, const at::Tensor& f, a
   const auto acc_options = f.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor scratch, partial;
   acc_t* acc_global = nullptr;
+  // Written in full before any read (no deterministic NaN fill): each block zeroes its slice of
+  // scratch first; block (pc, kt) writes partial[pc][c][kg] for every c and each kg of its K-tile.
   if (a.acc_copies == 0) {
-    scratch = at::empty({plan.grid * kWarps * a.C * kKT}, acc_options);
+    scratch = empty_written({plan.grid * kWarps * a.C * kKT}, acc_options);
     acc_global = scratch.data_ptr<acc_t>();
   }
   const bool det = deterministic();
-  if (det) partial = at::empty({int64_t(a.P) * a.C * a.K}, acc_options);
+  if (det) partial = empty_written({int64_t(a.P) * a.C * a.K}, acc_options);
   feature_pass_kernel<scalar_t, kTerms, kL1, kFiltered>
       <<<static_cast<unsigned>(plan.grid), kThreads, plan.smem, stream()>>>(
           f.const_data_ptr<scalar_t>(), a, acc_global, det ? nullptr : sums.data_ptr<acc_t>(),

@@ -58,22 +58,23 @@ void feature_terms_impl(const at::Tensor& f, const FeatureLayout& layout, const 
       plan_feature_pass<scalar_t, true, kL1, kFiltered>(f, layout, lab, C, ignore_index, sms);
   at::Tensor mean;  // kFiltered: each position's threshold m (fully written)
   if constexpr (kFiltered) {
-    mean = at::empty({N}, acc_options);
+    mean = empty_written({N}, acc_options);
     run_vector_mean<scalar_t>(f, layout, mean.data_ptr<acc_t>(), sms);
   }
   // Per K-tile partials of every position (fully written by the pass).
   at::Tensor pos_partial =
-      at::empty({pos_partial_slots(kFiltered) * int64_t(plan.args.ktiles) * N}, acc_options);
+      empty_written({pos_partial_slots(kFiltered) * int64_t(plan.args.ktiles) * N}, acc_options);
   run_feature_pass<scalar_t, true, kL1, kFiltered>(plan, f, sums, nullptr, protos.const_data_ptr<acc_t>(),
                                                    pos_partial.data_ptr<acc_t>(), sms,
                                                    kFiltered ? mean.const_data_ptr<acc_t>() : nullptr);
 
   const int64_t grid = std::min<int64_t>(ceil_div(N, kThreads), int64_t(sms) * 4);
   const bool acc_in_smem = int64_t(kWarps) * C * int64_t(sizeof(acc_t)) <= kTermScratch;
+  // Written in full: each block zeroes its acc_scratch slice first and writes its C + 2 results.
   at::Tensor acc_scratch;
-  if (!acc_in_smem) acc_scratch = at::empty({grid * kWarps * C}, acc_options);
-  at::Tensor block_sq = at::empty({grid * C}, acc_options);
-  at::Tensor block_norm = at::empty({grid * 2}, acc_options);
+  if (!acc_in_smem) acc_scratch = empty_written({grid * kWarps * C}, acc_options);
+  at::Tensor block_sq = empty_written({grid * C}, acc_options);
+  at::Tensor block_norm = empty_written({grid * 2}, acc_options);
   const size_t smem = sizeof(acc_t) * static_cast<size_t>(kWarps + kWarps * 32 + (acc_in_smem ? kWarps * C : 0));
   terms_finalize_kernel<acc_t, kFiltered><<<static_cast<unsigned>(grid), kThreads, smem, stream()>>>(
       pos_partial.const_data_ptr<acc_t>(), plan.args.ktiles, N, lab.tensor.const_data_ptr(), lab.kind, ignore_index,
@@ -99,11 +100,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> feature_t
   const auto acc = accumulate_type(features.scalar_type());
   const auto acc_options = features.options().dtype(acc);
   const bool det = deterministic();
-  at::Tensor sums = det ? at::empty({C, K}, acc_options) : at::zeros({C, K}, acc_options);
+  // Written in full (no deterministic NaN fill): by the fixed-order reductions (sums in
+  // deterministic mode, the last three always), or zeroed below when there are no positions.
+  at::Tensor sums = det ? empty_written({C, K}, acc_options) : at::zeros({C, K}, acc_options);
   at::Tensor counts = at::zeros({C}, features.options().dtype(at::kLong));
-  at::Tensor sq_dist_sums = at::empty({C}, acc_options);
-  at::Tensor norm_loss_sum = at::empty({}, acc_options);
-  at::Tensor norm_sum = at::empty({}, acc_options);
+  at::Tensor sq_dist_sums = empty_written({C}, acc_options);
+  at::Tensor norm_loss_sum = empty_written({}, acc_options);
+  at::Tensor norm_sum = empty_written({}, acc_options);
   const int64_t positions =
       features.dim() == 2 ? features.size(0) : features.size(0) * features.size(2) * features.size(3);
   if (positions == 0) {

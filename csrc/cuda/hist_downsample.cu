@@ -25,7 +25,8 @@ at::Tensor hist_downsample_cuda(const at::Tensor& labels, int64_t out_h, int64_t
     weights = class_weights->to(at::kFloat).contiguous();
   }
 
-  at::Tensor out = at::empty({B, out_h, out_w}, labels.options().dtype(at::kLong));
+  // Every cell is written (one warp per cell of every tile): no deterministic fill needed.
+  at::Tensor out = empty_written({B, out_h, out_w}, labels.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   const Labels lab = prepare_labels(labels);
   const WindowPlan plan = plan_windows(B, H, W, out_h, out_w, num_classes, /*probs=*/false, sm_count(labels));

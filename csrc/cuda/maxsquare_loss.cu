@@ -204,8 +204,9 @@ std::tuple<at::Tensor, at::Tensor> maxsquare_loss_cuda(const at::Tensor& probs, 
   const int64_t B = probs.size(0), C = probs.size(1), HW = probs.size(2) * probs.size(3);
   const auto acc = accumulate_type(probs.scalar_type());
   const auto acc_options = probs.options().dtype(acc);
-  at::Tensor loss = at::empty({}, acc_options);
-  at::Tensor class_weight = at::empty({B, C}, acc_options);
+  // Both written in full by maxsquare_weights_kernel (no deterministic NaN fill).
+  at::Tensor loss = empty_written({}, acc_options);
+  at::Tensor class_weight = empty_written({B, C}, acc_options);
   at::Tensor hist = at::zeros({B * C}, probs.options().dtype(at::kInt));
   const bool det = deterministic();
   const int sms = sm_count(probs);
@@ -217,13 +218,13 @@ std::tuple<at::Tensor, at::Tensor> maxsquare_loss_cuda(const at::Tensor& probs, 
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor S, partial, acc_scratch;
     if (det) {
-      partial = at::empty({B * gx * C}, acc_options);
+      partial = empty_written({B * gx * C}, acc_options);  // every (b, block, c) written, or zeroed below
     } else {
       S = at::zeros({B * C}, acc_options);
     }
     if (B * C > 0 && HW > 0) {
       const bool acc_in_smem = int64_t(kWarps) * C * int64_t(sizeof(acc_t)) <= 32 * 1024;
-      if (!acc_in_smem) acc_scratch = at::empty({gx * gy * kWarps * C}, acc_options);
+      if (!acc_in_smem) acc_scratch = empty_written({gx * gy * kWarps * C}, acc_options);  // zeroed per image
       const size_t smem = sizeof(acc_t) * static_cast<size_t>(kWarps * 32 + (acc_in_smem ? kWarps * C : 0));
       maxsquare_forward_kernel<scalar_t><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, smem,
                                            stream()>>>(

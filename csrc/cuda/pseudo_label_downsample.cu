@@ -18,7 +18,8 @@ at::Tensor pseudo_label_downsample_cuda(const at::Tensor& probs, int64_t out_h, 
   check_window_pixels(op, "probs", H, W);
   c10::cuda::CUDAGuard guard(probs.device());
 
-  at::Tensor out = at::empty({B, out_h, out_w}, probs.options().dtype(at::kLong));
+  // Every cell is written (one warp per cell of every tile): no deterministic fill needed.
+  at::Tensor out = empty_written({B, out_h, out_w}, probs.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   const WindowPlan plan = plan_windows(B, H, W, out_h, out_w, C, /*probs=*/true, sm_count(probs));
   // Any strides: NCHW reads are coalesced along W, channels_last ones along C.

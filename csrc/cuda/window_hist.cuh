@@ -239,7 +239,8 @@ inline void launch_window_kernel(const WindowPlan& plan, const at::Tensor& like,
   at::Tensor scratch;
   int* global_hist = nullptr;
   if (plan.global_hist) {
-    scratch = at::empty({plan.grid * plan.g.cells_per_tile * C}, like.options().dtype(at::kInt));
+    // Each block clears its cells' bins before every tile: no deterministic fill needed.
+    scratch = empty_written({plan.grid * plan.g.cells_per_tile * C}, like.options().dtype(at::kInt));
     global_hist = scratch.data_ptr<int>();
   }
   window_label_kernel<scalar_t, kProbs><<<static_cast<unsigned>(plan.grid), kThreads, plan.smem, stream()>>>(
