@@ -102,13 +102,15 @@ inline at::Tensor empty_written(at::IntArrayRef size, const at::TensorOptions& o
   return at::Tensor(at::detail::empty_cuda(size, options));
 }
 
-// As at::empty_like(t) (preserve_format: t's strides when t is dense, else the contiguous tensor
-// of t's suggested memory format), without the fill.
+// As at::empty_like(t) (preserve_format), without the fill. The strides are empty_like's own,
+// taken from a meta tensor (no memory), so a gradient has the strides the fake kernels and the
+// CPU backend promise (torch.empty_like there), non-dense inputs included.
 inline at::Tensor empty_like_written(const at::Tensor& t) {
   if (t.is_non_overlapping_and_dense()) {
     return at::Tensor(at::detail::empty_strided_cuda(t.sizes(), t.strides(), t.options()));
   }
-  return at::Tensor(at::detail::empty_cuda(t.sizes(), t.options().memory_format(t.suggest_memory_format())));
+  const at::Tensor shape = at::empty_like(t, t.options().device(at::kMeta));
+  return at::Tensor(at::detail::empty_strided_cuda(t.sizes(), shape.strides(), t.options()));
 }
 
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
