@@ -152,7 +152,7 @@ class LSRRegularizer(PrototypeBank):
         self._norm_initialised = False
         self.check_every = check_every
         self.checks = DeferredChecks()
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.checks.raise_if_failed())
+        self.register_state_dict_pre_hook(_read_checks_first)
 
     @classmethod
     def from_preset(cls, name: str, feature_dim: int = 2048, **overrides) -> "LSRRegularizer":
@@ -342,6 +342,12 @@ class LSRRegularizer(PrototypeBank):
             f"alpha={self.alpha}, momentum={self.momentum}, norm_delta={self.norm_delta}, "
             f"clustering_distance={self.clustering_distance!r}, norm_form={self.norm_form!r}, backend={self.backend!r}"
         )
+
+
+def _read_checks_first(module: LSRRegularizer, prefix: str, keep_vars: bool) -> None:
+    """state_dict pre-hook: a failed deferred check raises before any state is handed out (a
+    module-level function, so the module stays picklable)."""
+    module.checks.raise_if_failed()
 
 
 def _is_number(value) -> bool:

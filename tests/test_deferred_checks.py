@@ -292,3 +292,12 @@ def test_deferred_checks_trace_into_one_compiled_graph():
     (error,) = checks.errors()
     assert str(error) == ("labels contains the value 7, which is neither a class in [0, 3) nor ignore_index=255 "
                           "(first failed at step 1)")
+
+
+def test_a_regulariser_with_pending_verdicts_pickles_and_keeps_them(tmp_path):
+    reg = LSRRegularizer(4, 6, check_every=0)
+    reg(*batch(0, bad_label=8))
+    torch.save(reg, tmp_path / "reg.pt")  # the whole module: no lambda among its hooks
+    loaded = torch.load(tmp_path / "reg.pt", weights_only=False)
+    with pytest.raises(ValueCheckError, match=r"^source_labels contains the value 8,.*\(first failed at step 0\)$"):
+        loaded.check_values()
