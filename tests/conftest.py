@@ -15,6 +15,7 @@ hundreds of cases into skips on a green CI. ``scripts/test.sh`` (and so ``.ci/ru
 with the CUDA build, or to the empty string to require nothing.
 """
 
+import contextlib
 import os
 
 import torch
@@ -57,6 +58,21 @@ def pytest_configure(config):
 
 
 # ---- backends -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sync_debug_error(device):
+    """torch.cuda.set_sync_debug_mode("error") inside the block (a host synchronisation raises),
+    the previous mode restored after; nothing on the CPU."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def devices():

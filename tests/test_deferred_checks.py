@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lsr_fast
 from lsr_fast import DeferredChecks, LSRRegularizer, PrototypeBank, ValueCheckError
-from conftest import all_params
+from conftest import all_params, sync_debug_error
 
 aten = torch.ops.aten
 # item(), bool(), int(), float() of a tensor reach the host through _local_scalar_dense; boolean
@@ -63,20 +63,6 @@ def batch(seed, C=4, K=6, bad_label=None):
 
 # ---- a training step reads nothing back ---------------------------------------------------------
 
-@contextlib.contextmanager
-def no_sync(device):
-    """On a GPU, torch.cuda.set_sync_debug_mode("error") as well: any synchronisation raises."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
-
-
 @pytest.mark.parametrize("device,backend", all_params())
 @pytest.mark.parametrize("form", ["paper", "released"])
 def test_a_training_step_with_the_default_checks_reads_nothing_back(device, backend, form, monkeypatch):
@@ -84,7 +70,7 @@ def test_a_training_step_with_the_default_checks_reads_nothing_back(device, back
     reg = LSRRegularizer.from_preset(preset, feature_dim=6, num_classes=4, backend=backend).to(device)
     for step in range(3):  # the first step (f-bar_s from the batch) and later ones (from the buffer)
         inputs = [t.detach().to(device).requires_grad_(t.requires_grad) for t in batch(step)]
-        with host_reads(monkeypatch) as reads, no_sync(device):
+        with host_reads(monkeypatch) as reads, sync_debug_error(device):
             terms = reg(*inputs)
             terms["total"].backward()
         assert not reads, f"step {step}: {dict(reads)}"

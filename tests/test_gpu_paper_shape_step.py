@@ -18,7 +18,8 @@ import lsr_fast
 from lsr_fast import reference
 from lsr_fast.cli import street_labels
 from lsr_fast.models import DeepLabV2
-from conftest import assert_accumulated_close, assert_rounded_close, feature_terms_magnitudes, unusable_reason
+from conftest import (assert_accumulated_close, assert_rounded_close, feature_terms_magnitudes, sync_debug_error,
+                      unusable_reason)
 
 from gpu_paper_shape_inputs import *  # noqa: F401,F403  (constants, parametrisation, inputs)
 from test_gpu_paper_shape import (check_class_feature_stats, check_clustering, check_feature_terms,  # the per-op checks
@@ -214,21 +215,6 @@ def graph_setup(preset, backend, device):
     model, regularizer = model.to(device).train(), regularizer.to(device).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     return model, regularizer, optimizer
-
-
-@contextlib.contextmanager
-def sync_debug_error(device):
-    """torch.cuda.set_sync_debug_mode("error") inside the block (a host synchronisation raises),
-    the previous mode restored after; nothing on the CPU."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 @pytest.mark.parametrize("preset,backend", matrix(["gta5", "gta5_released"], backend_params()))
