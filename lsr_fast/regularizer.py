@@ -11,7 +11,7 @@ import torch.distributed as dist
 from . import ops, reference
 from .bank import DISTRIBUTED, PrototypeBank, all_reduce_sum
 from .ops._checks import value_checks_enabled
-from .ops._deferred import DeferredChecks, ValueCheckError, named_as as _named_as
+from .ops._deferred import DeferredChecks, named_as as _named_as
 
 # Weights published with the authors' code (DESIGN.md): GTA5 -> Cityscapes, SYNTHIA -> Cityscapes.
 # "gta5"/"synthia" pair them with the paper's equations; "*_released" with the loss forms of the
@@ -239,12 +239,10 @@ class LSRRegularizer(PrototypeBank):
         """Read the deferred value checks (one copy; distributed, a collective first, so every
         rank raises) and raise :class:`lsr_fast.ValueCheckError` if one failed."""
         group = self.sync_group()
-        if group is not None:
-            failed = all_reduce_sum([self.checks.failed_count(self.prototypes.device)], group)[0]
-            if int(failed) and not self.checks.errors():
-                raise ValueCheckError("a value check of LSRRegularizer failed on another rank (its error names it)",
-                                      check="other rank", argument="", step=None)
-        self.checks.raise_if_failed()
+        elsewhere = ""
+        if group is not None and int(all_reduce_sum([self.checks.failed_count(self.prototypes.device)], group)[0]):
+            elsewhere = "a value check of LSRRegularizer failed on another rank (its error names it)"
+        self.checks.raise_if_failed(elsewhere)
 
     def _terms(self, source_features, source_labels, target_features, target_probs) -> Dict[str, torch.Tensor]:
         with _named_as(labels="source_labels"):

@@ -114,8 +114,13 @@ class DeferredChecks:
         found.sort(key=lambda item: (item[0] is None, item[0] or 0, item[1].order))
         return [_error(step, verdict, value) for step, verdict, value in found]
 
-    def raise_if_failed(self) -> None:
+    def raise_if_failed(self, failed_elsewhere: str = "") -> None:
+        """Raise the earliest failure (naming the others), and forget them all. Without a local
+        failure, a non-empty ``failed_elsewhere`` (what a caller learnt from other ranks) is
+        raised as the error, so every rank raises at the same read."""
         errors = self.errors()
+        if not errors and failed_elsewhere:
+            raise ValueCheckError(failed_elsewhere, check="other rank", argument="", step=None)
         if errors:
             self.clear()
             first = errors[0]
